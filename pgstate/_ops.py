@@ -1,0 +1,346 @@
+"""Sans-IO operations: each is a generator that yields statements, receives their rows and
+returns a result. ``_driver.run`` and ``_driver.arun`` are the only code that does I/O, so
+the sync and async stores share one implementation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+from pgstate._sql import query
+from pgstate.config import Settings
+from pgstate.errors import InvalidInput
+from pgstate.models import (
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    Page,
+    Position,
+    RecordedEvent,
+    StreamAppend,
+    StreamCondition,
+    StreamState,
+)
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: LiteralString
+    params: Mapping[str, Any]
+
+
+Op = Generator[Statement, list[Row], Any]
+
+MAX_STREAM_ID = 200
+MAX_TYPES_FILTER = 1_000
+
+
+def check_identifier(value: object, field: str, max_length: int = MAX_STREAM_ID) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string, got {type(value).__name__}", detail={"field": field})
+    if not 1 <= len(value) <= max_length:
+        raise InvalidInput(f"{field} must be 1 to {max_length} characters", detail={"field": field})
+    if "\x00" in value:
+        raise InvalidInput(f"{field} must not contain NUL characters", detail={"field": field})
+    return value
+
+
+def expected_code(expected: object) -> int:
+    """The wire form of an expected version: -1 any, -2 exists, 0 none, n exactly n."""
+    if isinstance(expected, ExpectedVersion):
+        return int(expected)
+    if isinstance(expected, bool) or not isinstance(expected, int):
+        raise InvalidInput(
+            f"expected_version must be an ExpectedVersion or an int >= 0, got {expected!r}",
+            detail={"field": "expected_version"},
+        )
+    if expected < 0:
+        raise InvalidInput(
+            f"expected_version must be >= 0, got {expected}", detail={"field": "expected_version"}
+        )
+    return expected
+
+
+def check_limit(limit: object, field: str = "limit", maximum: int = 100_000) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise InvalidInput(f"{field} must be an int from 1 to {maximum}", detail={"field": field})
+    return limit
+
+
+def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
+    if isinstance(events, NewEvent | Mapping | str | bytes) or not isinstance(events, Sequence):
+        raise InvalidInput("events must be a list of NewEvent", detail={"field": "events"})
+    if not events:
+        raise InvalidInput("an append needs at least one event", detail={"field": "events"})
+    if len(events) > settings.max_batch:
+        raise InvalidInput(
+            f"a batch holds at most {settings.max_batch} events", detail={"field": "events"}
+        )
+    coerced: list[NewEvent] = []
+    for event in events:
+        if isinstance(event, Mapping):
+            event = NewEvent.model_validate(event)
+        if not isinstance(event, NewEvent):
+            raise InvalidInput("events must be NewEvent instances", detail={"field": "events"})
+        size = len(event.data_json.encode()) + len(event.metadata_json.encode())
+        if size > settings.max_event_bytes:
+            raise InvalidInput(
+                f"event {event.type!r} is {size} bytes, over the limit of "
+                f"{settings.max_event_bytes}",
+                detail={"field": "events", "size": size, "limit": settings.max_event_bytes},
+            )
+        coerced.append(event)
+    return coerced
+
+
+def encode_actor(actor: Mapping[str, Any] | None) -> str | None:
+    if actor is None:
+        return None
+    if not isinstance(actor, Mapping):
+        raise InvalidInput("actor must be a JSON object", detail={"field": "actor"})
+    try:
+        return json.dumps(dict(actor), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"actor is not JSON: {exc}", detail={"field": "actor"}) from None
+
+
+def position_params(after: Position | str | None) -> dict[str, Any]:
+    if after is None:
+        return {"tx": "0", "pos": 0}
+    if isinstance(after, str):
+        try:
+            after = Position.parse(after)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), detail={"field": "after"}) from None
+    if not isinstance(after, Position):
+        raise InvalidInput("after must be a Position, a 'tx:pos' string or None", detail={"field": "after"})
+    return {"tx": str(after.tx), "pos": after.pos}
+
+
+def append_statement(
+    tenant: str,
+    stream_id: str,
+    events: list[NewEvent],
+    expected: int,
+    actor: str | None,
+    traceparent: str | None,
+) -> Statement:
+    # Optional columns go as empty arrays when unused: unnest pads them with NULLs.
+    metadata = [e.metadata_json for e in events]
+    return Statement(
+        query("append"),
+        {
+            "tenant": tenant,
+            "stream_id": stream_id,
+            "expected": expected,
+            "event_ids": [e.event_id for e in events],
+            "types": [e.type for e in events],
+            "data": [e.data_json for e in events],
+            "metadata": [] if all(m == "{}" for m in metadata) else metadata,
+            "schema_versions": []
+            if all(e.schema_version == 1 for e in events)
+            else [e.schema_version for e in events],
+            "causation_ids": []
+            if all(e.causation_id is None for e in events)
+            else [e.causation_id for e in events],
+            "correlation_ids": []
+            if all(e.correlation_id is None for e in events)
+            else [e.correlation_id for e in events],
+            "actor": actor,
+            "traceparent": traceparent,
+        },
+    )
+
+
+def append_result(stream_id: str, row: Row) -> AppendResult:
+    from_version, to_version, tx, first_pos, last_pos, duplicate = row
+    tx_int = int(tx)
+    return AppendResult(
+        stream_id=stream_id,
+        from_version=from_version,
+        version=to_version,
+        first_position=Position(tx_int, first_pos),
+        last_position=Position(tx_int, last_pos),
+        duplicate=bool(duplicate),
+    )
+
+
+def append(
+    settings: Settings,
+    tenant: str,
+    stream_id: str,
+    events: Sequence[NewEvent],
+    expected_version: ExpectedVersion | int,
+    actor: Mapping[str, Any] | None,
+    traceparent: str | None,
+) -> Generator[Statement, list[Row], AppendResult]:
+    check_identifier(stream_id, "stream_id")
+    statement = append_statement(
+        tenant,
+        stream_id,
+        coerce_events(events, settings),
+        expected_code(expected_version),
+        encode_actor(actor),
+        traceparent,
+    )
+    rows = yield statement
+    return append_result(stream_id, rows[0])
+
+
+def append_many(
+    settings: Settings,
+    tenant: str,
+    appends: Sequence[StreamAppend],
+    conditions: Sequence[StreamCondition],
+    actor: Mapping[str, Any] | None,
+    traceparent: str | None,
+) -> Generator[Statement, list[Row], list[AppendResult]]:
+    if not appends:
+        raise InvalidInput("append_many needs at least one stream", detail={"field": "appends"})
+    actor_json = encode_actor(actor)
+    seen: set[str] = set()
+    work: list[tuple[str, int, Statement]] = []
+    for item in appends:
+        stream_id = check_identifier(item.stream_id, "stream_id")
+        if stream_id in seen:
+            raise InvalidInput(f"stream {stream_id!r} appears twice", detail={"field": "appends"})
+        seen.add(stream_id)
+        statement = append_statement(
+            tenant,
+            stream_id,
+            coerce_events(item.events, settings),
+            expected_code(item.expected_version),
+            actor_json,
+            traceparent,
+        )
+        work.append((stream_id, len(work), statement))
+    for condition in conditions:
+        stream_id = check_identifier(condition.stream_id, "stream_id")
+        if stream_id in seen:
+            raise InvalidInput(
+                f"stream {stream_id!r} is both written and a condition", detail={"field": "conditions"}
+            )
+        seen.add(stream_id)
+        params = {
+            "tenant": tenant,
+            "stream_id": stream_id,
+            "expected": expected_code(condition.expected_version),
+        }
+        work.append((stream_id, -1, Statement(query("check_version"), params)))
+    # Every writer locks streams in the same order, so two multi-stream appends never deadlock.
+    work.sort(key=lambda item: item[0])
+    results: dict[int, AppendResult] = {}
+    for stream_id, index, statement in work:
+        rows = yield statement
+        if index >= 0:
+            results[index] = append_result(stream_id, rows[0])
+    return [results[index] for index in range(len(appends))]
+
+
+def record(row: Row) -> RecordedEvent:
+    tx, pos, *rest = row
+    return RecordedEvent(Position(int(tx), pos), *rest)
+
+
+def read_stream(
+    tenant: str,
+    stream_id: str,
+    from_version: int | None,
+    limit: int | None,
+    backwards: bool,
+) -> Generator[Statement, list[Row], list[RecordedEvent]]:
+    check_identifier(stream_id, "stream_id")
+    if from_version is not None and (
+        isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 0
+    ):
+        raise InvalidInput("from_version must be an int >= 0", detail={"field": "from_version"})
+    if limit is not None:
+        check_limit(limit, maximum=2**31 - 1)
+    start = from_version
+    if start is None:
+        start = 2**62 if backwards else 1
+    rows = yield Statement(
+        query("read_stream_backward" if backwards else "read_stream_forward"),
+        {"tenant": tenant, "stream_id": stream_id, "from_version": start, "limit": limit},
+    )
+    return [record(row) for row in rows]
+
+
+def _types_param(types: Sequence[str] | None) -> list[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str) or not isinstance(types, Sequence):
+        raise InvalidInput("types must be a list of event type names", detail={"field": "types"})
+    if not types or len(types) > MAX_TYPES_FILTER:
+        raise InvalidInput(
+            f"types must name 1 to {MAX_TYPES_FILTER} event types", detail={"field": "types"}
+        )
+    return [check_identifier(name, "types") for name in types]
+
+
+def _page(rows: list[Row], after: Position | str | None) -> Page:
+    events = [record(row) for row in rows]
+    if events:
+        return Page(events, events[-1].position)
+    if isinstance(after, str):
+        after = Position.parse(after)
+    return Page(events, after)
+
+
+def read_all(
+    tenant: str,
+    after: Position | str | None,
+    limit: int,
+    types: Sequence[str] | None,
+) -> Generator[Statement, list[Row], Page]:
+    params = position_params(after)
+    params["tenant"] = tenant
+    params["limit"] = check_limit(limit)
+    type_names = _types_param(types)
+    if type_names is None:
+        rows = yield Statement(query("read_all"), params)
+    else:
+        params["types"] = type_names
+        rows = yield Statement(query("read_all_types"), params)
+    return _page(rows, after)
+
+
+def read_category(
+    tenant: str,
+    category: str,
+    after: Position | str | None,
+    limit: int,
+    types: Sequence[str] | None,
+) -> Generator[Statement, list[Row], Page]:
+    params = position_params(after)
+    params["tenant"] = tenant
+    params["category"] = check_identifier(category, "category")
+    params["limit"] = check_limit(limit)
+    type_names = _types_param(types)
+    if type_names is None:
+        rows = yield Statement(query("read_category"), params)
+    else:
+        params["types"] = type_names
+        rows = yield Statement(query("read_category_types"), params)
+    return _page(rows, after)
+
+
+def stream_state(tenant: str, stream_id: str) -> Generator[Statement, list[Row], StreamState | None]:
+    check_identifier(stream_id, "stream_id")
+    rows = yield Statement(query("stream_state"), {"tenant": tenant, "stream_id": stream_id})
+    return StreamState(*rows[0]) if rows else None
+
+
+def check_version(
+    tenant: str, stream_id: str, expected_version: ExpectedVersion | int
+) -> Generator[Statement, list[Row], int]:
+    check_identifier(stream_id, "stream_id")
+    rows = yield Statement(
+        query("check_version"),
+        {"tenant": tenant, "stream_id": stream_id, "expected": expected_code(expected_version)},
+    )
+    return int(rows[0][0])

@@ -1,0 +1,132 @@
+"""Schema migrations. The SQL lives in sql/migrations/; each Alembic revision
+(alembic/versions/pgstate_NNNN_*.py) runs one file. pgstate's version table lives in schema
+``pgstate``, so it never collides with the host application's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine
+
+from pgstate._connect import psycopg_url, resolve_dsn
+from pgstate._resources import alembic_dir, migration_files, migration_sql, schema_files
+from pgstate._sql import query
+from pgstate.config import Settings
+
+VERSION_TABLE = "alembic_version"
+VERSION_SCHEMA = "pgstate"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(alembic_dir()))
+    config.set_main_option("version_locations", str(alembic_dir() / "versions"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade_on_connection(connection: Connection, target: str = "heads") -> None:
+    """Upgrade inside the given connection's transaction (the caller commits)."""
+    command.upgrade(alembic_config(connection), target)
+
+
+def upgrade(engine: Engine, target: str = "heads") -> None:
+    """Bring the database to ``target``. Safe to run twice and from two processes at once:
+    an advisory lock serializes the runs, and the second finds nothing left to do."""
+    with engine.begin() as connection:
+        upgrade_on_connection(connection, target)
+
+
+def current(engine: Engine) -> str | None:
+    """The applied pgstate revision, or None for a database pgstate has never migrated."""
+    with engine.connect() as connection:
+        has_table = connection.dialect.has_table(connection, VERSION_TABLE, schema=VERSION_SCHEMA)
+        if not has_table:
+            return None
+        from alembic.runtime.migration import MigrationContext
+
+        context = MigrationContext.configure(
+            connection,
+            opts={"version_table": VERSION_TABLE, "version_table_schema": VERSION_SCHEMA},
+        )
+        heads = context.get_current_heads()
+        return heads[0] if heads else None
+
+
+def head() -> str:
+    """The newest revision this version of pgstate ships."""
+    revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if revision is None:
+        raise RuntimeError("pgstate ships no migrations")
+    return revision
+
+
+def check(engine: Engine) -> bool:
+    """True when the database is at the newest revision."""
+    return current(engine) == head()
+
+
+def sql_script(from_schema: bool = False) -> str:
+    """The whole install as one SQL script, for DBAs who apply SQL by hand: the migration
+    history by default, or the current truth from sql/schema/."""
+    files = schema_files() if from_schema else migration_files()
+    return "\n".join(f"-- {path.name}\n{path.read_text(encoding='utf-8')}" for path in files)
+
+
+def execute_script(connection: Connection, sql: str) -> None:
+    """Run a multi-statement SQL file on the connection's psycopg driver: without
+    parameters psycopg neither parses placeholders nor splits the text."""
+    driver: Any = connection.connection.driver_connection
+    driver.execute(sql)
+
+
+def apply_schema(connection: Connection) -> None:
+    """Build the schema from sql/schema/ directly (no Alembic); used to prove that the
+    schema files and the migration history describe the same catalog."""
+    for path in schema_files():
+        execute_script(connection, path.read_text(encoding="utf-8"))
+
+
+def apply_migration(name: str) -> None:
+    """Run one migration file from inside an Alembic revision."""
+    from alembic import op
+
+    sql = migration_sql(name)
+    if op.get_context().as_sql:
+        op.execute(sql)
+    else:
+        execute_script(op.get_bind(), sql)
+
+
+def run_environment(context: EnvironmentContext) -> None:
+    """The body of alembic/env.py."""
+    connection: Connection | None = context.config.attributes.get("connection")
+    if connection is None:
+        url = context.config.get_main_option("sqlalchemy.url") or resolve_dsn(None, Settings())
+        engine = create_engine(psycopg_url(url))
+        with engine.connect() as own:
+            _run_migrations(context, own)
+            own.commit()
+        engine.dispose()
+    else:
+        _run_migrations(context, connection)
+
+
+def _run_migrations(context: EnvironmentContext, connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        version_table=VERSION_TABLE,
+        version_table_schema=VERSION_SCHEMA,
+        transactional_ddl=True,
+    )
+    with context.begin_transaction():
+        # Taken before Alembic reads its version table, so a second concurrent run waits and
+        # then sees the first one's revision.
+        connection.exec_driver_sql(query("migration_lock"))
+        connection.exec_driver_sql(query("create_schema"))
+        context.run_migrations()

@@ -1,0 +1,182 @@
+"""Data models. Inputs are pydantic models (validated at the boundary); records read back
+are frozen slotted dataclasses, because the read path builds one per row and must stay
+close to the cost of a bare tuple."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+_TYPE_NAME = re.compile(r"^[^\x00]{1,200}$")
+
+
+class ExpectedVersion(enum.IntEnum):
+    """What an append expects of the stream, besides an exact version (an int >= 0)."""
+
+    ANY = -1
+    STREAM_EXISTS = -2
+    NO_STREAM = 0
+
+
+def encode_json(value: Any, what: str) -> str:
+    """Strict JSON text for jsonb: no NaN or Infinity, no NUL (jsonb refuses \\u0000)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise ValueError(f"{what} contains a NUL character")
+    return text
+
+
+class NewEvent(BaseModel):
+    """An event to append. ``event_id`` makes retries idempotent: send the same ids again."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str = Field(min_length=1, max_length=200)
+    data: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    schema_version: int = Field(default=1, ge=1)
+    causation_id: uuid.UUID | None = None
+    correlation_id: uuid.UUID | None = None
+
+    _data_json: str = PrivateAttr(default="{}")
+    _metadata_json: str = PrivateAttr(default="{}")
+
+    @field_validator("type")
+    @classmethod
+    def _type_has_no_nul(cls, value: str) -> str:
+        if not _TYPE_NAME.match(value):
+            raise ValueError("event type must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _encode(self) -> Self:
+        # Encoded once here, so bad payloads fail at construction and appends reuse the text.
+        self._data_json = encode_json(self.data, "event data")
+        self._metadata_json = encode_json(self.metadata, "event metadata")
+        return self
+
+    @property
+    def data_json(self) -> str:
+        return self._data_json
+
+    @property
+    def metadata_json(self) -> str:
+        return self._metadata_json
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in the global log: the writing transaction's id and the row's sequence number.
+    Commit order is ``(tx, pos)`` order below the watermark."""
+
+    tx: int
+    pos: int
+
+    def __str__(self) -> str:
+        return f"{self.tx}:{self.pos}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        tx, sep, pos = text.partition(":")
+        if not sep or not tx.isdigit() or not pos.isdigit():
+            raise ValueError(f"a position looks like 'tx:pos', got {text!r}")
+        return cls(int(tx), int(pos))
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored."""
+
+    position: Position
+    tenant: str
+    stream_id: str
+    version: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    event_id: uuid.UUID
+    schema_version: int
+    causation_id: uuid.UUID | None
+    correlation_id: uuid.UUID | None
+    actor: dict[str, Any] | None
+    traceparent: str | None
+    machine_version: int | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """The outcome of an append. ``duplicate`` is True when the events were already stored
+    by an earlier attempt with the same ids, whose original result this is."""
+
+    stream_id: str
+    from_version: int
+    version: int
+    first_position: Position
+    last_position: Position
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of the global log. Pass ``last_position`` as ``after`` to get the next one."""
+
+    events: list[RecordedEvent]
+    last_position: Position | None
+
+    def __iter__(self) -> Any:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """The head row of a stream: its version, and for machine instances state and lease."""
+
+    tenant: str
+    stream_id: str
+    category: str
+    version: int
+    state: str | None
+    machine: str | None
+    machine_version: int | None
+    lease_owner: str | None
+    lease_epoch: int
+    lease_expires_at: datetime | None
+    deadline_at: datetime | None
+    archived: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAppend:
+    """One stream's part of a multi-stream append."""
+
+    stream_id: str
+    events: list[NewEvent]
+    expected_version: ExpectedVersion | int = ExpectedVersion.ANY
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCondition:
+    """A condition on a stream that a multi-stream append reads but does not write."""
+
+    stream_id: str
+    expected_version: ExpectedVersion | int = field(default=ExpectedVersion.STREAM_EXISTS)

@@ -1,0 +1,302 @@
+-- pgstate lives in one fixed schema so it never collides with the host application.
+CREATE SCHEMA IF NOT EXISTS pgstate;
+-- One head row per stream. A stream governed by a state machine is an aggregate
+-- instance; a plain stream leaves the machine columns NULL.
+CREATE TABLE pgstate.streams (
+    tenant            text        NOT NULL,
+    stream_id         text        NOT NULL,
+    category          text        NOT NULL,
+    version           bigint      NOT NULL CHECK (version >= 0),
+    state             text,
+    machine           text,
+    machine_version   integer,
+    lease_owner       text,
+    lease_epoch       bigint      NOT NULL DEFAULT 0,
+    lease_expires_at  timestamptz,
+    deadline_at       timestamptz,
+    archived          boolean     NOT NULL DEFAULT false,
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (tenant, stream_id)
+);
+
+-- The append-only log. (tx, pos) is the global position: readers tail it below the
+-- xid8 watermark, so a transaction that took a low pos and committed late is never skipped.
+CREATE TABLE pgstate.events (
+    pos             bigint      GENERATED ALWAYS AS IDENTITY,
+    tx              xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    tenant          text        NOT NULL,
+    stream_id       text        NOT NULL,
+    version         bigint      NOT NULL CHECK (version >= 1),
+    category        text        NOT NULL,
+    type            text        NOT NULL,
+    schema_version  integer     NOT NULL DEFAULT 1,
+    data            jsonb       NOT NULL,
+    metadata        jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    event_id        uuid        NOT NULL,
+    causation_id    uuid,
+    correlation_id  uuid,
+    actor           jsonb,
+    traceparent     text,
+    machine_version integer,
+    recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT events_pkey PRIMARY KEY (tx, pos),
+    CONSTRAINT events_stream_version_key UNIQUE (tenant, stream_id, version),
+    CONSTRAINT events_event_id_key UNIQUE (event_id)
+);
+
+CREATE INDEX events_category_idx ON pgstate.events (tenant, category, tx, pos);
+
+-- The log is immutable: no UPDATE, DELETE or TRUNCATE, whoever the writer is.
+CREATE FUNCTION pgstate.reject_event_mutation() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'pgstate.events is append-only: % rejected', TG_OP
+        USING ERRCODE = 'SM012';
+END;
+$$;
+
+CREATE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON pgstate.events
+    FOR EACH ROW EXECUTE FUNCTION pgstate.reject_event_mutation();
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON pgstate.events
+    FOR EACH STATEMENT EXECUTE FUNCTION pgstate.reject_event_mutation();
+-- The JSON that every rejection carries as DETAIL: the stream's current head row.
+CREATE FUNCTION pgstate.head_json(p_tenant text, p_stream_id text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT jsonb_build_object(
+            'tenant', s.tenant, 'stream_id', s.stream_id, 'category', s.category,
+            'version', s.version, 'state', s.state, 'machine', s.machine,
+            'machine_version', s.machine_version, 'lease_owner', s.lease_owner,
+            'lease_epoch', s.lease_epoch, 'lease_expires_at', s.lease_expires_at,
+            'deadline_at', s.deadline_at, 'archived', s.archived)
+         FROM pgstate.streams s
+         WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id),
+        jsonb_build_object('tenant', p_tenant, 'stream_id', p_stream_id, 'version', 0));
+$$;
+
+-- Raise a typed pgstate error (SQLSTATE class SM) whose DETAIL is JSON.
+CREATE FUNCTION pgstate.raise_error(p_code text, p_message text, p_detail jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = p_code, MESSAGE = p_message,
+        DETAIL = coalesce(p_detail, '{}'::jsonb)::text;
+END;
+$$;
+
+-- Input checks shared by every write function.
+CREATE FUNCTION pgstate.check_stream_id(p_tenant text, p_stream_id text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'tenant must be 1 to 100 characters' USING ERRCODE = 'SM012',
+            DETAIL = jsonb_build_object('field', 'tenant')::text;
+    END IF;
+    IF p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'stream id must be 1 to 200 characters' USING ERRCODE = 'SM012',
+            DETAIL = jsonb_build_object('field', 'stream_id')::text;
+    END IF;
+END;
+$$;
+-- Stream lock: transaction-scoped (safe behind transaction-mode poolers) and keyed by a
+-- 64-bit hash, since a 32-bit key collides between unrelated streams far too often.
+CREATE FUNCTION pgstate.lock_stream(p_tenant text, p_stream_id text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
+$$;
+
+-- A retry of an append whose events are already stored: return the original result when
+-- the stored events are the same ones (ids, stream, order, type, data), otherwise raise.
+CREATE FUNCTION pgstate.replay_append(
+    p_tenant text, p_stream_id text, p_expected bigint,
+    p_event_ids uuid[], p_types text[], p_data text[],
+    OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
+    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_found   integer;
+    v_matches integer;
+BEGIN
+    SELECT count(*),
+           count(*) FILTER (WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id
+                              AND e.type = u.type AND e.data = u.data::jsonb),
+           min(e.version), max(e.version), min(e.tx), min(e.pos), max(e.pos)
+      INTO v_found, v_matches, from_version, to_version, tx, first_pos, last_pos
+      FROM unnest(p_event_ids, p_types, p_data) AS u(id, type, data)
+      JOIN pgstate.events e ON e.event_id = u.id;
+    IF v_found = 0 THEN
+        duplicate := NULL;  -- not a retry
+        RETURN;
+    END IF;
+    IF v_found <> cardinality(p_event_ids) OR v_matches <> v_found
+       OR to_version - from_version + 1 <> v_found
+       OR (p_expected >= 0 AND from_version <> p_expected + 1) THEN
+        PERFORM pgstate.raise_error('SM006',
+            'event ids already stored with a different stream, position or body',
+            pgstate.head_json(p_tenant, p_stream_id)
+                || jsonb_build_object('event_ids', to_jsonb(p_event_ids)));
+    END IF;
+    duplicate := true;
+END;
+$$;
+
+-- append_v1: append a batch to one stream, checking the expected version first.
+-- p_expected: -1 any, -2 the stream must exist, 0 no stream yet, n > 0 exactly n.
+-- The optional arrays may be empty; unnest pads them with NULLs.
+CREATE FUNCTION pgstate.append_v1(
+    p_tenant text, p_stream_id text, p_expected bigint,
+    p_event_ids uuid[], p_types text[], p_data text[], p_metadata text[],
+    p_schema_versions integer[], p_causation_ids uuid[], p_correlation_ids uuid[],
+    p_actor jsonb, p_traceparent text,
+    OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
+    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    v_count   integer := coalesce(cardinality(p_event_ids), 0);
+    v_current bigint;
+BEGIN
+    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    IF v_count = 0 OR v_count > 10000 THEN
+        PERFORM pgstate.raise_error('SM012', 'a batch holds 1 to 10000 events',
+            jsonb_build_object('field', 'events', 'count', v_count));
+    END IF;
+    IF coalesce(cardinality(p_types), 0) <> v_count
+       OR coalesce(cardinality(p_data), 0) <> v_count
+       OR coalesce(cardinality(p_metadata), 0) NOT IN (0, v_count)
+       OR coalesce(cardinality(p_schema_versions), 0) NOT IN (0, v_count)
+       OR coalesce(cardinality(p_causation_ids), 0) NOT IN (0, v_count)
+       OR coalesce(cardinality(p_correlation_ids), 0) NOT IN (0, v_count) THEN
+        PERFORM pgstate.raise_error('SM012', 'event arrays differ in length',
+            jsonb_build_object('field', 'events'));
+    END IF;
+    IF p_expected IS NULL OR p_expected < -2 THEN
+        PERFORM pgstate.raise_error('SM012', 'unknown expected version',
+            jsonb_build_object('field', 'expected_version', 'value', p_expected));
+    END IF;
+
+    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    SELECT s.version INTO v_current
+      FROM pgstate.streams s
+     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+
+    -- The version is checked before the insert takes any sequence value, so conflicts
+    -- burn no positions. A mismatch may be a retry of an append that already landed.
+    IF p_expected < 0 OR coalesce(v_current, 0) <> p_expected THEN
+        SELECT r.from_version, r.to_version, r.tx, r.first_pos, r.last_pos, r.duplicate
+          INTO from_version, to_version, tx, first_pos, last_pos, duplicate
+          FROM pgstate.replay_append(p_tenant, p_stream_id, p_expected,
+                                     p_event_ids, p_types, p_data) r;
+        IF duplicate THEN
+            RETURN;
+        END IF;
+        IF (p_expected = -2 AND v_current IS NULL)
+           OR (p_expected >= 0 AND coalesce(v_current, 0) <> p_expected) THEN
+            PERFORM pgstate.raise_error('SM004',
+                format('stream %s is at version %s, expected %s', p_stream_id,
+                       coalesce(v_current, 0),
+                       CASE p_expected WHEN -2 THEN 'an existing stream'
+                                       WHEN 0 THEN 'no stream'
+                                       ELSE p_expected::text END),
+                pgstate.head_json(p_tenant, p_stream_id)
+                    || jsonb_build_object('expected_version', p_expected));
+        END IF;
+    END IF;
+
+    v_current := coalesce(v_current, 0);
+    WITH inserted AS (
+        INSERT INTO pgstate.events (tenant, stream_id, version, category, type,
+                                    schema_version, data, metadata, event_id,
+                                    causation_id, correlation_id, actor, traceparent)
+        SELECT p_tenant, p_stream_id, v_current + u.ord, split_part(p_stream_id, '-', 1),
+               u.type, coalesce(u.schema_version, 1), u.data::jsonb,
+               coalesce(u.metadata::jsonb, '{}'::jsonb), u.event_id, u.causation_id,
+               u.correlation_id, p_actor, p_traceparent
+          FROM unnest(p_event_ids, p_types, p_data, p_metadata, p_schema_versions,
+                      p_causation_ids, p_correlation_ids)
+               WITH ORDINALITY AS u(event_id, type, data, metadata, schema_version,
+                                    causation_id, correlation_id, ord)
+        RETURNING pos
+    )
+    SELECT min(i.pos), max(i.pos) INTO first_pos, last_pos FROM inserted i;
+
+    IF v_current = 0 THEN
+        INSERT INTO pgstate.streams (tenant, stream_id, category, version)
+        VALUES (p_tenant, p_stream_id, split_part(p_stream_id, '-', 1), v_count);
+    ELSE
+        UPDATE pgstate.streams
+           SET version = v_current + v_count, updated_at = clock_timestamp()
+         WHERE tenant = p_tenant AND stream_id = p_stream_id;
+    END IF;
+
+    from_version := v_current + 1;
+    to_version := v_current + v_count;
+    tx := pg_current_xact_id();
+    duplicate := false;
+END;
+$$;
+
+-- A condition on a stream that a multi-stream write reads but does not write: takes the
+-- stream lock until commit, so the checked version cannot move before the writes land.
+CREATE FUNCTION pgstate.check_version_v1(p_tenant text, p_stream_id text, p_expected bigint)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    v_current bigint;
+BEGIN
+    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    IF p_expected IS NULL OR p_expected < -2 THEN
+        PERFORM pgstate.raise_error('SM012', 'unknown expected version',
+            jsonb_build_object('field', 'expected_version', 'value', p_expected));
+    END IF;
+    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    SELECT s.version INTO v_current
+      FROM pgstate.streams s
+     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+    IF (p_expected = -2 AND v_current IS NULL)
+       OR (p_expected >= 0 AND coalesce(v_current, 0) <> p_expected) THEN
+        PERFORM pgstate.raise_error('SM004',
+            format('stream %s is at version %s, expected %s', p_stream_id,
+                   coalesce(v_current, 0), p_expected),
+            pgstate.head_json(p_tenant, p_stream_id)
+                || jsonb_build_object('expected_version', p_expected));
+    END IF;
+    RETURN coalesce(v_current, 0);
+END;
+$$;
+-- Roles for the host application: readers select, writers also execute the write
+-- functions. Nobody but the owner may change the log; writes go through SECURITY DEFINER
+-- functions. Roles are cluster-wide, so they are created only when missing and only when
+-- the migrating user may create roles.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user
+                 AND (rolsuper OR rolcreaterole)) THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_reader') THEN
+            CREATE ROLE pgstate_reader NOLOGIN;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
+            CREATE ROLE pgstate_writer NOLOGIN IN ROLE pgstate_reader;
+        END IF;
+    END IF;
+END;
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgstate FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_reader') THEN
+        GRANT USAGE ON SCHEMA pgstate TO pgstate_reader;
+        GRANT SELECT ON ALL TABLES IN SCHEMA pgstate TO pgstate_reader;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgstate TO pgstate_writer;
+    END IF;
+END;
+$$;

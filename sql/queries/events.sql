@@ -1,0 +1,89 @@
+-- Statements the Python package runs. Each block starts with "-- name: <name>";
+-- parameters use psycopg's %(name)s style.
+
+-- name: append
+SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
+  FROM pgstate.append_v1(%(tenant)s, %(stream_id)s, %(expected)s, %(event_ids)s::uuid[],
+                         %(types)s::text[], %(data)s::text[], %(metadata)s::text[],
+                         %(schema_versions)s::integer[], %(causation_ids)s::uuid[],
+                         %(correlation_ids)s::uuid[], %(actor)s::jsonb, %(traceparent)s)
+
+-- name: check_version
+SELECT pgstate.check_version_v1(%(tenant)s, %(stream_id)s, %(expected)s)
+
+-- name: read_stream_forward
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s AND version >= %(from_version)s
+ ORDER BY version
+ LIMIT %(limit)s
+
+-- name: read_stream_backward
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s AND version <= %(from_version)s
+ ORDER BY version DESC
+ LIMIT %(limit)s
+
+-- Tailing in commit order: only transactions below the snapshot's xmin are certainly
+-- finished, so nothing can later appear below the cursor. One statement, one snapshot.
+-- name: read_all
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
+   AND tx < pg_snapshot_xmin(pg_current_snapshot())
+   AND tenant = %(tenant)s
+ ORDER BY tx, pos
+ LIMIT %(limit)s
+
+-- name: read_all_types
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
+   AND tx < pg_snapshot_xmin(pg_current_snapshot())
+   AND tenant = %(tenant)s
+   AND type = ANY(%(types)s::text[])
+ ORDER BY tx, pos
+ LIMIT %(limit)s
+
+-- name: read_category
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE tenant = %(tenant)s AND category = %(category)s
+   AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
+   AND tx < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY tx, pos
+ LIMIT %(limit)s
+
+-- name: read_category_types
+SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
+       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+  FROM pgstate.events
+ WHERE tenant = %(tenant)s AND category = %(category)s
+   AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
+   AND tx < pg_snapshot_xmin(pg_current_snapshot())
+   AND type = ANY(%(types)s::text[])
+ ORDER BY tx, pos
+ LIMIT %(limit)s
+
+-- name: stream_state
+SELECT tenant, stream_id, category, version, state, machine, machine_version, lease_owner,
+       lease_epoch, lease_expires_at, deadline_at, archived, created_at, updated_at
+  FROM pgstate.streams
+ WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s
+
+-- The position below which every transaction has finished: a reader's safe upper bound.
+-- name: watermark
+SELECT pg_snapshot_xmin(pg_current_snapshot())
+
+-- Serializes concurrent migrations of one database; the key is a fixed 64-bit hash.
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(hashtextextended('pgstate/migrate', 0))
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS pgstate
