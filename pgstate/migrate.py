@@ -24,6 +24,7 @@ VERSION_SCHEMA = "pgstate"
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(alembic_dir()))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(alembic_dir() / "versions"))
     if connection is not None:
         config.attributes["connection"] = connection

@@ -87,3 +87,9 @@ SELECT pg_advisory_xact_lock(hashtextextended('pgstate/migrate', 0))
 
 -- name: create_schema
 CREATE SCHEMA IF NOT EXISTS pgstate
+
+-- name: create_database_from_template
+SELECT format('CREATE DATABASE %%I TEMPLATE %%I', %(name)s::text, %(template)s::text)
+
+-- name: drop_database
+SELECT format('DROP DATABASE IF EXISTS %%I WITH (FORCE)', %(name)s::text)
