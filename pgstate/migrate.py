@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -19,6 +20,11 @@ from pgstate.config import Settings
 
 VERSION_TABLE = "alembic_version"
 VERSION_SCHEMA = "pgstate"
+
+
+def versions_dir() -> Path:
+    """pgstate's Alembic revisions, for a host application's ``version_locations``."""
+    return alembic_dir() / "versions"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -180,3 +180,98 @@ class StreamCondition:
 
     stream_id: str
     expected_version: ExpectedVersion | int = field(default=ExpectedVersion.STREAM_EXISTS)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineRegistration:
+    """A machine definition stored as data. ``created`` is False when the newest stored
+    version already had this definition."""
+
+    name: str
+    version: int
+    def_hash: str
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A machine instance just created (or found created by an earlier attempt)."""
+
+    stream_id: str
+    state: str
+    version: int
+    machine_version: int
+    position: Position
+    deadline_at: datetime | None
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """The outcome of a transition: ``applied``, ``duplicate`` (an earlier attempt with the
+    same idempotency key applied it; this is its result) or ``rejected`` (only from
+    ``try_transition``, with the typed error in ``error``)."""
+
+    outcome: str
+    stream_id: str
+    event: str
+    from_state: str | None
+    to_state: str | None
+    version: int | None
+    position: Position | None
+    lease_epoch: int | None
+    deadline_at: datetime | None
+    lock_wait_us: int | None
+    error: Exception | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome != "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease on an instance. Pass ``epoch`` as ``lease_epoch`` to fence transitions."""
+
+    stream_id: str
+    owner: str
+    epoch: int
+    expires_at: datetime
+    version: int
+    state: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FiredTimeout:
+    tenant: str
+    stream_id: str
+    event: str
+    from_state: str
+    to_state: str
+    version: int
+    lease_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionRecord:
+    """A rejected attempt recorded by ``try_transition``."""
+
+    id: int
+    event: str
+    code: str
+    message: str
+    detail: dict[str, Any]
+    actor: dict[str, Any] | None
+    reason: str | None
+    idempotency_key: str | None
+    traceparent: str | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Everything that happened to a stream: its events (with actor, reason, causation,
+    correlation, traceparent and machine version) and the rejected attempts."""
+
+    events: list[RecordedEvent]
+    rejections: list[RejectionRecord]

@@ -3,14 +3,16 @@ each method is one line that hands a sans-IO operation from ``_ops`` to the driv
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pgstate import _ops, migrate
+from pgstate import _machine_ops, _ops, migrate
 from pgstate._connect import (
     AsyncConn,
     SyncConn,
@@ -21,10 +23,17 @@ from pgstate._connect import (
 )
 from pgstate._driver import arun, run
 from pgstate._ops import Op, check_identifier
+from pgstate._telemetry import current_traceparent, transition_span
 from pgstate.config import Settings
 from pgstate.models import (
     AppendResult,
     ExpectedVersion,
+    FiredTimeout,
+    History,
+    Instance,
+    Lease,
+    MachineRegistration,
+    TransitionResult,
     NewEvent,
     Page,
     Position,
@@ -33,6 +42,9 @@ from pgstate.models import (
     StreamCondition,
     StreamState,
 )
+
+if TYPE_CHECKING:
+    from pgstate.machine import Machine
 
 
 class _StoreBase:
@@ -170,6 +182,162 @@ class Store(_StoreBase):
         state: StreamState | None = self._call(_ops.stream_state(self.tenant, stream_id), conn)
         return state
 
+    def register(self, machine: type[Machine], *, conn: SyncConn | None = None) -> MachineRegistration:
+        """Store a machine definition; the same definition again is a no-op."""
+        registration: MachineRegistration = self._call(_machine_ops.register(machine), conn)
+        return registration
+
+    def create(
+        self,
+        stream_id: str,
+        machine: type[Machine] | str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        actor: Mapping[str, Any] | None = None,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: SyncConn | None = None,
+    ) -> Instance:
+        """Start an instance of ``machine`` in its initial state. Pass ``event_id`` to make
+        a retried create return the first attempt's result."""
+        op = _machine_ops.create(
+            self.tenant, stream_id, machine, data, actor, event_id, causation_id,
+            correlation_id, traceparent or current_traceparent(),
+        )
+        instance: Instance = self._call(op, conn)
+        return instance
+
+    def transition(
+        self,
+        stream_id: str,
+        event: str,
+        *,
+        expected_state: str | None = None,
+        expected_version: int | None = None,
+        lease_epoch: int | None = None,
+        idempotency_key: str | None = None,
+        actor: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        release_lease: bool = False,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: SyncConn | None = None,
+    ) -> TransitionResult:
+        """Apply ``event`` to the instance, or raise the typed rejection."""
+        with transition_span(stream_id, event) as span:
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, expected_state=expected_state,
+                expected_version=expected_version, lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
+                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
+                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                raise_rejection=True,
+            )
+            result: TransitionResult = span.record(self._call(op, conn))
+            return result
+
+    def try_transition(
+        self,
+        stream_id: str,
+        event: str,
+        *,
+        expected_state: str | None = None,
+        expected_version: int | None = None,
+        lease_epoch: int | None = None,
+        idempotency_key: str | None = None,
+        actor: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        release_lease: bool = False,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: SyncConn | None = None,
+    ) -> TransitionResult:
+        """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
+        the typed error in ``error``) and recorded for audit instead of raised."""
+        with transition_span(stream_id, event) as span:
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, expected_state=expected_state,
+                expected_version=expected_version, lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
+                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
+                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                raise_rejection=False,
+            )
+            result: TransitionResult = span.record(self._call(op, conn))
+            return result
+
+    def acquire_lease(
+        self, stream_id: str, owner: str, ttl: timedelta, *, conn: SyncConn | None = None
+    ) -> Lease:
+        """Take (or, for the same owner, extend) the lease; a new owner gets a new epoch."""
+        lease: Lease = self._call(_machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn)
+        return lease
+
+    def renew_lease(
+        self, lease: Lease, ttl: timedelta, *, conn: SyncConn | None = None
+    ) -> Lease:
+        """Extend a live lease; raises LeaseLost if it expired or changed hands."""
+        op = _machine_ops.renew_lease(self.tenant, lease.stream_id, lease.owner, lease.epoch, ttl)
+        renewed: Lease = self._call(op, conn)
+        return renewed
+
+    def release_lease(self, lease: Lease, *, conn: SyncConn | None = None) -> None:
+        """Give the lease up; raises LeaseLost if it changed hands meanwhile."""
+        op = _machine_ops.release_lease(self.tenant, lease.stream_id, lease.owner, lease.epoch)
+        self._call(op, conn)
+
+    def fire_due_timeouts(
+        self, limit: int = 100, *, conn: SyncConn | None = None
+    ) -> list[FiredTimeout]:
+        """Fire the timeout edges of instances whose deadline passed (all tenants); safe
+        to run from several workers at once."""
+        fired: list[FiredTimeout] = self._call(_machine_ops.fire_due_timeouts(limit), conn)
+        return fired
+
+    def migrate_instances(
+        self,
+        machine: type[Machine] | str,
+        from_version: int,
+        to_version: int,
+        state_map: Mapping[str, str],
+        *,
+        actor: Mapping[str, Any] | None = None,
+        conn: SyncConn | None = None,
+    ) -> int:
+        """Move live instances to another machine version; returns how many moved."""
+        op = _machine_ops.migrate_instances(
+            self.tenant, machine, from_version, to_version, state_map, actor
+        )
+        moved: int = self._call(op, conn, atomic=True)
+        return moved
+
+    def find_in_state(
+        self,
+        machine: type[Machine] | str,
+        state: str,
+        *,
+        limit: int = 100,
+        conn: SyncConn | None = None,
+    ) -> list[str]:
+        """Ids of instances in ``state``, lowest first."""
+        ids: list[str] = self._call(
+            _machine_ops.find_in_state(self.tenant, machine, state, limit), conn
+        )
+        return ids
+
+    def history(self, stream_id: str, *, conn: SyncConn | None = None) -> History:
+        """The stream's events and the rejected attempts on it."""
+        found: History = self._call(_machine_ops.history(self.tenant, stream_id), conn, atomic=True)
+        return found
+
 
 class AsyncStore(_StoreBase):
     """The asyncio twin of :class:`Store`: same names, same signatures, awaited."""
@@ -292,3 +460,159 @@ class AsyncStore(_StoreBase):
             _ops.stream_state(self.tenant, stream_id), conn
         )
         return state
+
+    async def register(self, machine: type[Machine], *, conn: AsyncConn | None = None) -> MachineRegistration:
+        """Store a machine definition; the same definition again is a no-op."""
+        registration: MachineRegistration = await self._call(_machine_ops.register(machine), conn)
+        return registration
+
+    async def create(
+        self,
+        stream_id: str,
+        machine: type[Machine] | str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        actor: Mapping[str, Any] | None = None,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: AsyncConn | None = None,
+    ) -> Instance:
+        """Start an instance of ``machine`` in its initial state. Pass ``event_id`` to make
+        a retried create return the first attempt's result."""
+        op = _machine_ops.create(
+            self.tenant, stream_id, machine, data, actor, event_id, causation_id,
+            correlation_id, traceparent or current_traceparent(),
+        )
+        instance: Instance = await self._call(op, conn)
+        return instance
+
+    async def transition(
+        self,
+        stream_id: str,
+        event: str,
+        *,
+        expected_state: str | None = None,
+        expected_version: int | None = None,
+        lease_epoch: int | None = None,
+        idempotency_key: str | None = None,
+        actor: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        release_lease: bool = False,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: AsyncConn | None = None,
+    ) -> TransitionResult:
+        """Apply ``event`` to the instance, or raise the typed rejection."""
+        with transition_span(stream_id, event) as span:
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, expected_state=expected_state,
+                expected_version=expected_version, lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
+                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
+                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                raise_rejection=True,
+            )
+            result: TransitionResult = span.record(await self._call(op, conn))
+            return result
+
+    async def try_transition(
+        self,
+        stream_id: str,
+        event: str,
+        *,
+        expected_state: str | None = None,
+        expected_version: int | None = None,
+        lease_epoch: int | None = None,
+        idempotency_key: str | None = None,
+        actor: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        release_lease: bool = False,
+        event_id: uuid.UUID | None = None,
+        causation_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+        traceparent: str | None = None,
+        conn: AsyncConn | None = None,
+    ) -> TransitionResult:
+        """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
+        the typed error in ``error``) and recorded for audit instead of raised."""
+        with transition_span(stream_id, event) as span:
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, expected_state=expected_state,
+                expected_version=expected_version, lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
+                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
+                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                raise_rejection=False,
+            )
+            result: TransitionResult = span.record(await self._call(op, conn))
+            return result
+
+    async def acquire_lease(
+        self, stream_id: str, owner: str, ttl: timedelta, *, conn: AsyncConn | None = None
+    ) -> Lease:
+        """Take (or, for the same owner, extend) the lease; a new owner gets a new epoch."""
+        lease: Lease = await self._call(_machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn)
+        return lease
+
+    async def renew_lease(
+        self, lease: Lease, ttl: timedelta, *, conn: AsyncConn | None = None
+    ) -> Lease:
+        """Extend a live lease; raises LeaseLost if it expired or changed hands."""
+        op = _machine_ops.renew_lease(self.tenant, lease.stream_id, lease.owner, lease.epoch, ttl)
+        renewed: Lease = await self._call(op, conn)
+        return renewed
+
+    async def release_lease(self, lease: Lease, *, conn: AsyncConn | None = None) -> None:
+        """Give the lease up; raises LeaseLost if it changed hands meanwhile."""
+        op = _machine_ops.release_lease(self.tenant, lease.stream_id, lease.owner, lease.epoch)
+        await self._call(op, conn)
+
+    async def fire_due_timeouts(
+        self, limit: int = 100, *, conn: AsyncConn | None = None
+    ) -> list[FiredTimeout]:
+        """Fire the timeout edges of instances whose deadline passed (all tenants); safe
+        to run from several workers at once."""
+        fired: list[FiredTimeout] = await self._call(_machine_ops.fire_due_timeouts(limit), conn)
+        return fired
+
+    async def migrate_instances(
+        self,
+        machine: type[Machine] | str,
+        from_version: int,
+        to_version: int,
+        state_map: Mapping[str, str],
+        *,
+        actor: Mapping[str, Any] | None = None,
+        conn: AsyncConn | None = None,
+    ) -> int:
+        """Move live instances to another machine version; returns how many moved."""
+        op = _machine_ops.migrate_instances(
+            self.tenant, machine, from_version, to_version, state_map, actor
+        )
+        moved: int = await self._call(op, conn, atomic=True)
+        return moved
+
+    async def find_in_state(
+        self,
+        machine: type[Machine] | str,
+        state: str,
+        *,
+        limit: int = 100,
+        conn: AsyncConn | None = None,
+    ) -> list[str]:
+        """Ids of instances in ``state``, lowest first."""
+        ids: list[str] = await self._call(
+            _machine_ops.find_in_state(self.tenant, machine, state, limit), conn
+        )
+        return ids
+
+    async def history(self, stream_id: str, *, conn: AsyncConn | None = None) -> History:
+        """The stream's events and the rejected attempts on it."""
+        found: History = await self._call(_machine_ops.history(self.tenant, stream_id), conn, atomic=True)
+        return found

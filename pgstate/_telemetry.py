@@ -1,0 +1,79 @@
+"""Optional OpenTelemetry: a span per transition, and the W3C traceparent of the current
+context stored with each event. Without ``opentelemetry-api`` installed, all of it is a
+no-op that costs one attribute lookup."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+try:
+    from opentelemetry import trace
+    from opentelemetry.trace import Span, Status, StatusCode
+except ImportError:  # pragma: no cover - exercised only without the extra
+    trace = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+_TRACER_NAME = "pgstate"
+
+
+def _format(span: Any) -> str | None:
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+def current_traceparent() -> str | None:
+    """The traceparent of the active span, if any."""
+    if trace is None:
+        return None
+    return _format(trace.get_current_span())
+
+
+class TransitionSpan:
+    def __init__(self, span: Span | None) -> None:
+        self._span = span
+        self.traceparent = _format(span) if span is not None else None
+
+    def record(self, result: T) -> T:
+        span = self._span
+        if span is not None:
+            outcome = getattr(result, "outcome", None)
+            span.set_attribute("pgstate.outcome", str(outcome))
+            for attribute in ("from_state", "to_state", "version", "lock_wait_us"):
+                value = getattr(result, attribute, None)
+                if value is not None:
+                    span.set_attribute(f"pgstate.{attribute}", value)
+            error = getattr(result, "error", None)
+            if error is not None:
+                span.set_attribute("pgstate.sqlstate", str(getattr(error, "sqlstate", "")))
+                span.set_attribute("pgstate.current_state", str(error.current_state))
+        return result
+
+
+@contextlib.contextmanager
+def transition_span(stream_id: str, event: str) -> Iterator[TransitionSpan]:
+    if trace is None:
+        yield TransitionSpan(None)
+        return
+    tracer = trace.get_tracer(_TRACER_NAME)
+    with tracer.start_as_current_span(
+        "pgstate.transition",
+        attributes={"pgstate.stream_id": stream_id, "pgstate.event": event},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield TransitionSpan(span)
+        except Exception as exc:
+            sqlstate = getattr(exc, "sqlstate", None)
+            span.set_attribute("pgstate.outcome", "rejected")
+            if sqlstate:
+                span.set_attribute("pgstate.sqlstate", sqlstate)
+            current_state = getattr(exc, "current_state", None)
+            if current_state is not None:
+                span.set_attribute("pgstate.current_state", current_state)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise

@@ -1,0 +1,149 @@
+"""The ``pgstate`` command: migrate | check | sql | diagram | inspect | timeouts | demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from pgstate import migrate as migrations
+from pgstate._connect import psycopg_url, resolve_dsn
+from pgstate.config import Settings
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    return resolve_dsn(args.dsn, Settings())
+
+
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine
+
+    return create_engine(psycopg_url(_dsn(args)))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    migrations.upgrade(engine)
+    print(f"pgstate schema at {migrations.current(engine)}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    current, head = migrations.current(engine), migrations.head()
+    print(f"database: {current or 'not installed'}; this pgstate: {head}")
+    return 0 if current == head else 1
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    sys.stdout.write(migrations.sql_script(from_schema=args.schema))
+    return 0
+
+
+def load_machine(target: str) -> type:
+    module_name, _, attribute = target.partition(":")
+    if not attribute:
+        raise SystemExit("give the machine as MODULE:Class, e.g. pgstate.triage:Ticket")
+    machine = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(machine, type):
+        raise SystemExit(f"{target} is not a class")
+    return machine
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    machine = load_machine(args.machine)
+    render = machine.to_dot if args.format == "dot" else machine.to_mermaid
+    sys.stdout.write(render())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pgstate.store import Store
+
+    store = Store(_dsn(args), tenant=args.tenant)
+    state = store.stream_state(args.stream)
+    if state is None:
+        print(f"no stream {args.stream}")
+        return 1
+    print(
+        f"{state.stream_id}: version {state.version}, state {state.state}, machine "
+        f"{state.machine} v{state.machine_version}, lease {state.lease_owner} "
+        f"epoch {state.lease_epoch}, deadline {state.deadline_at}"
+    )
+    history = store.history(args.stream)
+    for event in history.events:
+        print(f"  v{event.version} {event.type} {event.data} actor={event.actor} at {event.recorded_at}")
+    for rejection in history.rejections:
+        print(f"  rejected {rejection.event}: {rejection.code} {rejection.message}")
+    return 0
+
+
+def cmd_timeouts(args: argparse.Namespace) -> int:
+    from pgstate.store import Store
+
+    store = Store(_dsn(args))
+    while True:
+        fired = store.fire_due_timeouts(limit=args.batch)
+        for item in fired:
+            print(f"{item.stream_id}: {item.event} {item.from_state} -> {item.to_state}")
+        if args.once:
+            return 0
+        if len(fired) < args.batch:
+            time.sleep(args.interval)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pgstate.demo import main as demo_main
+
+    return demo_main(args.dsn or os.environ.get("PGSTATE_DSN"), args.tickets, args.agents)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgstate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_dsn(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--dsn", help="database URL (default: PGSTATE_DSN)")
+        return sub
+
+    with_dsn(commands.add_parser("migrate", help="bring the database to the newest schema"))
+    with_dsn(commands.add_parser("check", help="exit 1 unless the schema is current"))
+    sql = commands.add_parser("sql", help="print the install SQL for DBAs")
+    sql.add_argument("--schema", action="store_true", help="the current schema, not the history")
+    diagram = commands.add_parser("diagram", help="print a machine as Mermaid or DOT")
+    diagram.add_argument("machine", help="MODULE:Class")
+    diagram.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    inspect = with_dsn(commands.add_parser("inspect", help="show a stream's head and history"))
+    inspect.add_argument("stream")
+    inspect.add_argument("--tenant", default=None)
+    timeouts = with_dsn(commands.add_parser("timeouts", help="fire due deadline edges"))
+    timeouts.add_argument("--batch", type=int, default=100)
+    timeouts.add_argument("--interval", type=float, default=1.0)
+    timeouts.add_argument("--once", action="store_true")
+    demo = with_dsn(commands.add_parser("demo", help="multi-agent ticket triage"))
+    demo.add_argument("--tickets", type=int, default=300)
+    demo.add_argument("--agents", type=int, default=6)
+    return parser
+
+
+HANDLERS = {
+    "migrate": cmd_migrate,
+    "check": cmd_check,
+    "sql": cmd_sql,
+    "diagram": cmd_diagram,
+    "inspect": cmd_inspect,
+    "timeouts": cmd_timeouts,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return HANDLERS[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
