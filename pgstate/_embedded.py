@@ -5,6 +5,7 @@ temporary directory, removed on stop."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -114,8 +115,6 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if self.started:
             self.started = False
-            try:
+            with contextlib.suppress(subprocess.CalledProcessError):
                 self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"])
-            except subprocess.CalledProcessError:
-                pass
         shutil.rmtree(self.root, ignore_errors=True)

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from pgstate.machine import Machine
 
 
-
 def _machine_name(machine: object) -> tuple[str, str | None]:
     """Name and definition hash of a Machine class, or a bare name (newest version)."""
     if isinstance(machine, str):
@@ -264,7 +263,9 @@ def migrate_instances(
     if not isinstance(state_map, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in state_map.items()
     ):
-        raise InvalidInput("state_map maps state names to state names", detail={"field": "state_map"})
+        raise InvalidInput(
+            "state_map maps state names to state names", detail={"field": "state_map"}
+        )
     rows = yield Statement(
         query("migrate_instances"),
         {

@@ -41,7 +41,9 @@ MAX_TYPES_FILTER = 1_000
 
 def check_identifier(value: object, field: str, max_length: int = MAX_STREAM_ID) -> str:
     if not isinstance(value, str):
-        raise InvalidInput(f"{field} must be a string, got {type(value).__name__}", detail={"field": field})
+        raise InvalidInput(
+            f"{field} must be a string, got {type(value).__name__}", detail={"field": field}
+        )
     if not 1 <= len(value) <= max_length:
         raise InvalidInput(f"{field} must be 1 to {max_length} characters", detail={"field": field})
     if "\x00" in value:
@@ -117,7 +119,9 @@ def position_params(after: Position | str | None) -> dict[str, Any]:
         except ValueError as exc:
             raise InvalidInput(str(exc), detail={"field": "after"}) from None
     if not isinstance(after, Position):
-        raise InvalidInput("after must be a Position, a 'tx:pos' string or None", detail={"field": "after"})
+        raise InvalidInput(
+            "after must be a Position, a 'tx:pos' string or None", detail={"field": "after"}
+        )
     return {"tx": str(after.tx), "pos": after.pos}
 
 
@@ -222,7 +226,8 @@ def append_many(
         stream_id = check_identifier(condition.stream_id, "stream_id")
         if stream_id in seen:
             raise InvalidInput(
-                f"stream {stream_id!r} is both written and a condition", detail={"field": "conditions"}
+                f"stream {stream_id!r} is both written and a condition",
+                detail={"field": "conditions"},
             )
         seen.add(stream_id)
         params = {
@@ -329,7 +334,9 @@ def read_category(
     return _page(rows, after)
 
 
-def stream_state(tenant: str, stream_id: str) -> Generator[Statement, list[Row], StreamState | None]:
+def stream_state(
+    tenant: str, stream_id: str
+) -> Generator[Statement, list[Row], StreamState | None]:
     check_identifier(stream_id, "stream_id")
     rows = yield Statement(query("stream_state"), {"tenant": tenant, "stream_id": stream_id})
     return StreamState(*rows[0]) if rows else None

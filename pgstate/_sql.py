@@ -42,7 +42,7 @@ def _all_statements() -> dict[str, str]:
 def query(name: str) -> LiteralString:
     """The SQL text of a named statement; the files are trusted package data."""
     try:
-        return cast(LiteralString, _all_statements()[name])
+        return cast(LiteralString, _all_statements()[name])  # type: ignore[redundant-cast]
     except KeyError:
         raise KeyError(f"no statement named {name!r} in sql/queries") from None
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate.config import Settings
+from pgstate.machine import Machine
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -43,13 +44,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_machine(target: str) -> type:
+def load_machine(target: str) -> type[Machine]:
     module_name, _, attribute = target.partition(":")
     if not attribute:
         raise SystemExit("give the machine as MODULE:Class, e.g. pgstate.triage:Ticket")
     machine = getattr(importlib.import_module(module_name), attribute)
-    if not isinstance(machine, type):
-        raise SystemExit(f"{target} is not a class")
+    if not (isinstance(machine, type) and issubclass(machine, Machine)):
+        raise SystemExit(f"{target} is not a pgstate Machine")
     return machine
 
 
@@ -75,7 +76,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     history = store.history(args.stream)
     for event in history.events:
-        print(f"  v{event.version} {event.type} {event.data} actor={event.actor} at {event.recorded_at}")
+        print(
+            f"  v{event.version} {event.type} {event.data} "
+            f"actor={event.actor} at {event.recorded_at}"
+        )
     for rejection in history.rejections:
         print(f"  rejected {rejection.event}: {rejection.code} {rejection.message}")
     return 0

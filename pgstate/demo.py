@@ -48,7 +48,7 @@ def run_agent(
     """One agent: loop over tickets in its role's states until ``stop`` is set. With
     ``stall_rate`` > 0 it sometimes stalls past its lease, then tries to write anyway."""
     rng = random.Random(seed)
-    entry, start_event, finish_event, _ = ROLES[role]
+    entry, start_event, _finish_event, _ = ROLES[role]
     report = AgentReport(name)
     ttl = timedelta(seconds=lease_ttl)
     with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
@@ -94,8 +94,13 @@ def _work_on(
     version = lease.version
     if lease.state == entry:
         started = store.transition(
-            stream_id, start_event, expected_state=entry, expected_version=version,
-            lease_epoch=lease.epoch, idempotency_key=f"{name}:{start_event}:{version}", actor=actor,
+            stream_id,
+            start_event,
+            expected_state=entry,
+            expected_version=version,
+            lease_epoch=lease.epoch,
+            idempotency_key=f"{name}:{start_event}:{version}",
+            actor=actor,
             conn=conn,
         )
         report.applied[start_event] += 1
@@ -107,10 +112,17 @@ def _work_on(
         # A stalled agent (a slow model call, a GC pause): its lease runs out meanwhile.
         time.sleep(ttl.total_seconds() * 1.5)
     store.transition(
-        stream_id, finish_event, expected_state=_working_state(start_event),
-        expected_version=version, lease_epoch=lease.epoch,
-        idempotency_key=f"{name}:{finish_event}:{version}", actor=actor,
-        reason=f"{role} finished", data={"by": name}, release_lease=True, conn=conn,
+        stream_id,
+        finish_event,
+        expected_state=_working_state(start_event),
+        expected_version=version,
+        lease_epoch=lease.epoch,
+        idempotency_key=f"{name}:{finish_event}:{version}",
+        actor=actor,
+        reason=f"{role} finished",
+        data={"by": name},
+        release_lease=True,
+        conn=conn,
     )
     report.applied[finish_event] += 1
 
@@ -212,7 +224,15 @@ def run_scenario(
 
 
 def _print_progress(out: TextIO) -> Callable[[dict[str, int], float], None]:
-    order = ["new", "classifying", "classified", "drafting", "draft_ready", "escalating", "resolved"]
+    order = [
+        "new",
+        "classifying",
+        "classified",
+        "drafting",
+        "draft_ready",
+        "escalating",
+        "resolved",
+    ]
 
     def show(counts: dict[str, int], elapsed: float) -> None:
         line = "  ".join(f"{state} {counts.get(state, 0):>4}" for state in order)
@@ -238,7 +258,11 @@ def main(dsn: str | None, tickets: int, agents: int, out: TextIO = sys.stdout) -
         result = run_scenario(dsn, tickets=tickets, agents=agents, progress=_print_progress(out))
         out.write("\n\n")
         out.write(f"Resolved {result.resolved}/{result.tickets} tickets in {result.seconds:.1f}s\n")
-        out.write("Steps applied: " + ", ".join(f"{k} {v}" for k, v in sorted(result.applied.items())) + "\n")
+        out.write(
+            "Steps applied: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(result.applied.items()))
+            + "\n"
+        )
         out.write("Rejected attempts by reason (each one a write the database refused):\n")
         for reason, count in result.rejected.most_common():
             out.write(f"  {reason:<22} {count}\n")

@@ -126,9 +126,7 @@ def check_payload_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(prop, dict) or set(prop) - {"types", "enum"}:
             raise MachineDefinitionError(f"{where}.properties.{key}: only 'types' and 'enum'")
         types = prop.get("types")
-        if types is not None and (
-            not isinstance(types, list) or not set(types) <= set(JSON_TYPES)
-        ):
+        if types is not None and (not isinstance(types, list) or not set(types) <= set(JSON_TYPES)):
             raise MachineDefinitionError(
                 f"{where}.properties.{key}.types: must be a list of {', '.join(JSON_TYPES)}"
             )
@@ -265,7 +263,11 @@ class Machine:
     @classmethod
     def to_dot(cls) -> str:
         definition = cls._definition
-        lines = [f'digraph "{cls.name}" {{', "    rankdir=LR;", '    __start [shape=point, label=""];']
+        lines = [
+            f'digraph "{cls.name}" {{',
+            "    rankdir=LR;",
+            '    __start [shape=point, label=""];',
+        ]
         for state, spec in sorted(definition["states"].items()):
             shape = "doublecircle" if spec["final"] else "circle"
             lines.append(f'    "{state}" [shape={shape}];')
@@ -310,7 +312,9 @@ def _compile(cls: type[Machine]) -> dict[str, Any]:
         raise MachineDefinitionError(f"{where} declares no states")
     for state_name in states:
         if not NAME.match(state_name):
-            raise MachineDefinitionError(f"{where}: state name {state_name!r} must match {NAME.pattern}")
+            raise MachineDefinitionError(
+                f"{where}: state name {state_name!r} must match {NAME.pattern}"
+            )
     initial = [n for n, s in states.items() if s.initial]
     if not initial:
         raise MachineDefinitionError(f"{where} has no initial state")
@@ -354,14 +358,18 @@ def _compile(cls: type[Machine]) -> dict[str, Any]:
             if state.timeout <= timedelta(0):
                 raise MachineDefinitionError(f"{where}: timeout of {state_name} must be positive")
             if state.on_timeout is None:
-                raise MachineDefinitionError(f"{where}: state {state_name} has a timeout but no on_timeout")
+                raise MachineDefinitionError(
+                    f"{where}: state {state_name} has a timeout but no on_timeout"
+                )
             if (state.on_timeout, state_name) not in seen:
                 raise MachineDefinitionError(
                     f"{where}: on_timeout of {state_name} names {state.on_timeout!r}, "
                     f"which is no edge out of {state_name}"
                 )
         elif state.on_timeout is not None:
-            raise MachineDefinitionError(f"{where}: state {state_name} has on_timeout but no timeout")
+            raise MachineDefinitionError(
+                f"{where}: state {state_name} has on_timeout but no timeout"
+            )
     reachable = {initial[0]}
     frontier = [initial[0]]
     while frontier:
@@ -401,7 +409,7 @@ def parse_duration(value: object, where: str) -> timedelta:
 
 
 def _expect(value: object, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise MachineDefinitionError(f"{where}: wrong type {type(value).__name__}")
     return value
 
@@ -451,19 +459,25 @@ def machine_from_dict(document: Mapping[str, Any]) -> type[Machine]:
             extra = set(guard_spec) - {"payload", "actor_kinds"}
             if extra:
                 raise MachineDefinitionError(f"{where}.guard: unknown keys {sorted(extra)}")
-            guard = Guard(payload=guard_spec.get("payload"), actor_kinds=guard_spec.get("actor_kinds"))
+            guard = Guard(
+                payload=guard_spec.get("payload"), actor_kinds=guard_spec.get("actor_kinds")
+            )
         for source_name in sources:
             source = state_objects.get(source_name)
             if source is None:
                 raise MachineDefinitionError(f"{where}.from: unknown state {source_name!r}")
             edge = source.to(
                 target,
-                requires_lease=bool(_expect(item.get("requires_lease", False), bool, f"{where}.requires_lease")),
+                requires_lease=bool(
+                    _expect(item.get("requires_lease", False), bool, f"{where}.requires_lease")
+                ),
                 guard=guard,
             )
             events[event] = events[event] | edge if event in events else edge
     if set(events) & set(attributes):
-        raise MachineDefinitionError(f"names used both as state and event: {sorted(set(events) & set(attributes))}")
+        raise MachineDefinitionError(
+            f"names used both as state and event: {sorted(set(events) & set(attributes))}"
+        )
     attributes.update(events)
     return type(name.replace("-", "_").replace(".", "_"), (Machine,), attributes)
 
@@ -489,7 +503,9 @@ def machine_from_definition(definition: Mapping[str, Any]) -> type[Machine]:
         }
         for e in definition["edges"]
     ]
-    return machine_from_dict({"name": definition["name"], "states": states, "transitions": transitions})
+    return machine_from_dict(
+        {"name": definition["name"], "states": states, "transitions": transitions}
+    )
 
 
 def machine_from_yaml(text: str) -> type[Machine]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine
 
+from alembic import command
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate._resources import alembic_dir, migration_files, migration_sql, schema_files
 from pgstate._sql import query

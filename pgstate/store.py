@@ -33,7 +33,6 @@ from pgstate.models import (
     Instance,
     Lease,
     MachineRegistration,
-    TransitionResult,
     NewEvent,
     Page,
     Position,
@@ -41,6 +40,7 @@ from pgstate.models import (
     StreamAppend,
     StreamCondition,
     StreamState,
+    TransitionResult,
 )
 
 if TYPE_CHECKING:
@@ -182,7 +182,9 @@ class Store(_StoreBase):
         state: StreamState | None = self._call(_ops.stream_state(self.tenant, stream_id), conn)
         return state
 
-    def register(self, machine: type[Machine], *, conn: SyncConn | None = None) -> MachineRegistration:
+    def register(
+        self, machine: type[Machine], *, conn: SyncConn | None = None
+    ) -> MachineRegistration:
         """Store a machine definition; the same definition again is a no-op."""
         registration: MachineRegistration = self._call(_machine_ops.register(machine), conn)
         return registration
@@ -203,8 +205,15 @@ class Store(_StoreBase):
         """Start an instance of ``machine`` in its initial state. Pass ``event_id`` to make
         a retried create return the first attempt's result."""
         op = _machine_ops.create(
-            self.tenant, stream_id, machine, data, actor, event_id, causation_id,
-            correlation_id, traceparent or current_traceparent(),
+            self.tenant,
+            stream_id,
+            machine,
+            data,
+            actor,
+            event_id,
+            causation_id,
+            correlation_id,
+            traceparent or current_traceparent(),
         )
         instance: Instance = self._call(op, conn)
         return instance
@@ -231,11 +240,21 @@ class Store(_StoreBase):
         """Apply ``event`` to the instance, or raise the typed rejection."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, expected_state=expected_state,
-                expected_version=expected_version, lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
-                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
-                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                self.tenant,
+                stream_id,
+                event,
+                expected_state=expected_state,
+                expected_version=expected_version,
+                lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key,
+                actor=actor,
+                reason=reason,
+                data=data,
+                release_lease=release_lease,
+                event_id=event_id,
+                causation_id=causation_id,
+                correlation_id=correlation_id,
+                traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
             )
             result: TransitionResult = span.record(self._call(op, conn))
@@ -264,11 +283,21 @@ class Store(_StoreBase):
         the typed error in ``error``) and recorded for audit instead of raised."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, expected_state=expected_state,
-                expected_version=expected_version, lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
-                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
-                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                self.tenant,
+                stream_id,
+                event,
+                expected_state=expected_state,
+                expected_version=expected_version,
+                lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key,
+                actor=actor,
+                reason=reason,
+                data=data,
+                release_lease=release_lease,
+                event_id=event_id,
+                causation_id=causation_id,
+                correlation_id=correlation_id,
+                traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
             )
             result: TransitionResult = span.record(self._call(op, conn))
@@ -278,12 +307,12 @@ class Store(_StoreBase):
         self, stream_id: str, owner: str, ttl: timedelta, *, conn: SyncConn | None = None
     ) -> Lease:
         """Take (or, for the same owner, extend) the lease; a new owner gets a new epoch."""
-        lease: Lease = self._call(_machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn)
+        lease: Lease = self._call(
+            _machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn
+        )
         return lease
 
-    def renew_lease(
-        self, lease: Lease, ttl: timedelta, *, conn: SyncConn | None = None
-    ) -> Lease:
+    def renew_lease(self, lease: Lease, ttl: timedelta, *, conn: SyncConn | None = None) -> Lease:
         """Extend a live lease; raises LeaseLost if it expired or changed hands."""
         op = _machine_ops.renew_lease(self.tenant, lease.stream_id, lease.owner, lease.epoch, ttl)
         renewed: Lease = self._call(op, conn)
@@ -461,7 +490,9 @@ class AsyncStore(_StoreBase):
         )
         return state
 
-    async def register(self, machine: type[Machine], *, conn: AsyncConn | None = None) -> MachineRegistration:
+    async def register(
+        self, machine: type[Machine], *, conn: AsyncConn | None = None
+    ) -> MachineRegistration:
         """Store a machine definition; the same definition again is a no-op."""
         registration: MachineRegistration = await self._call(_machine_ops.register(machine), conn)
         return registration
@@ -482,8 +513,15 @@ class AsyncStore(_StoreBase):
         """Start an instance of ``machine`` in its initial state. Pass ``event_id`` to make
         a retried create return the first attempt's result."""
         op = _machine_ops.create(
-            self.tenant, stream_id, machine, data, actor, event_id, causation_id,
-            correlation_id, traceparent or current_traceparent(),
+            self.tenant,
+            stream_id,
+            machine,
+            data,
+            actor,
+            event_id,
+            causation_id,
+            correlation_id,
+            traceparent or current_traceparent(),
         )
         instance: Instance = await self._call(op, conn)
         return instance
@@ -510,11 +548,21 @@ class AsyncStore(_StoreBase):
         """Apply ``event`` to the instance, or raise the typed rejection."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, expected_state=expected_state,
-                expected_version=expected_version, lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
-                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
-                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                self.tenant,
+                stream_id,
+                event,
+                expected_state=expected_state,
+                expected_version=expected_version,
+                lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key,
+                actor=actor,
+                reason=reason,
+                data=data,
+                release_lease=release_lease,
+                event_id=event_id,
+                causation_id=causation_id,
+                correlation_id=correlation_id,
+                traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
             )
             result: TransitionResult = span.record(await self._call(op, conn))
@@ -543,11 +591,21 @@ class AsyncStore(_StoreBase):
         the typed error in ``error``) and recorded for audit instead of raised."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, expected_state=expected_state,
-                expected_version=expected_version, lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key, actor=actor, reason=reason, data=data,
-                release_lease=release_lease, event_id=event_id, causation_id=causation_id,
-                correlation_id=correlation_id, traceparent=traceparent or span.traceparent,
+                self.tenant,
+                stream_id,
+                event,
+                expected_state=expected_state,
+                expected_version=expected_version,
+                lease_epoch=lease_epoch,
+                idempotency_key=idempotency_key,
+                actor=actor,
+                reason=reason,
+                data=data,
+                release_lease=release_lease,
+                event_id=event_id,
+                causation_id=causation_id,
+                correlation_id=correlation_id,
+                traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
             )
             result: TransitionResult = span.record(await self._call(op, conn))
@@ -557,7 +615,9 @@ class AsyncStore(_StoreBase):
         self, stream_id: str, owner: str, ttl: timedelta, *, conn: AsyncConn | None = None
     ) -> Lease:
         """Take (or, for the same owner, extend) the lease; a new owner gets a new epoch."""
-        lease: Lease = await self._call(_machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn)
+        lease: Lease = await self._call(
+            _machine_ops.acquire_lease(self.tenant, stream_id, owner, ttl), conn
+        )
         return lease
 
     async def renew_lease(
@@ -614,5 +674,7 @@ class AsyncStore(_StoreBase):
 
     async def history(self, stream_id: str, *, conn: AsyncConn | None = None) -> History:
         """The stream's events and the rejected attempts on it."""
-        found: History = await self._call(_machine_ops.history(self.tenant, stream_id), conn, atomic=True)
+        found: History = await self._call(
+            _machine_ops.history(self.tenant, stream_id), conn, atomic=True
+        )
         return found

@@ -33,7 +33,7 @@ from pgstate.store import AsyncStore, Store
 
 def _docker_answers() -> bool:
     try:
-        import docker
+        import docker  # type: ignore[import-untyped]
 
         client = docker.from_env(timeout=2)
         client.ping()
@@ -65,8 +65,10 @@ def _server() -> Iterator[str]:
 
 def database_url(server_url: str, name: str) -> str:
     """The libpq URL of database ``name`` on the server of ``server_url``."""
-    return psycopg_url(server_url).set(database=name, drivername="postgresql").render_as_string(
-        hide_password=False
+    return (
+        psycopg_url(server_url)
+        .set(database=name, drivername="postgresql")
+        .render_as_string(hide_password=False)
     )
 
 

@@ -23,7 +23,9 @@ def opened(n: int = 1) -> list[NewEvent]:
 
 
 def test_append_new_stream_then_exact_version(store: Store, conn: Connection) -> None:
-    first = store.append("order-1", opened(2), expected_version=ExpectedVersion.NO_STREAM, conn=conn)
+    first = store.append(
+        "order-1", opened(2), expected_version=ExpectedVersion.NO_STREAM, conn=conn
+    )
     assert (first.from_version, first.version, first.duplicate) == (1, 2, False)
     assert first.first_position.tx == first.last_position.tx
     assert first.last_position.pos == first.first_position.pos + 1

@@ -90,8 +90,9 @@ def started(store: Store) -> tuple[str, int]:
     stream = new_id()
     store.create(stream, Job)
     lease = store.acquire_lease(stream, "w1", timedelta(seconds=30))
-    store.transition(stream, "start", expected_state="queued", expected_version=1,
-                     lease_epoch=lease.epoch)
+    store.transition(
+        stream, "start", expected_state="queued", expected_version=1, lease_epoch=lease.epoch
+    )
     return stream, lease.epoch
 
 
@@ -111,19 +112,41 @@ def test_create_and_happy_path_with_audit(store: Store) -> None:
     lease = store.acquire_lease(stream, "w1", timedelta(seconds=30))
     assert lease.epoch == 1 and lease.state == "queued"
     result = store.transition(
-        stream, "start", expected_state="queued", expected_version=1, lease_epoch=lease.epoch,
-        actor=WORKER, reason="picked up", idempotency_key="start-1",
+        stream,
+        "start",
+        expected_state="queued",
+        expected_version=1,
+        lease_epoch=lease.epoch,
+        actor=WORKER,
+        reason="picked up",
+        idempotency_key="start-1",
         traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     )
     assert (result.outcome, result.from_state, result.to_state, result.version) == (
-        "applied", "queued", "running", 2)
+        "applied",
+        "queued",
+        "running",
+        2,
+    )
     assert result.deadline_at is not None and result.lock_wait_us is not None
-    done = store.transition(stream, "finish", expected_state="running", expected_version=2,
-                            lease_epoch=lease.epoch, actor=WORKER, data={"result": "ok"})
+    done = store.transition(
+        stream,
+        "finish",
+        expected_state="running",
+        expected_version=2,
+        lease_epoch=lease.epoch,
+        actor=WORKER,
+        data={"result": "ok"},
+    )
     assert done.to_state == "done"
     state = store.stream_state(stream)
     assert state is not None
-    assert (state.state, state.version, state.machine, state.deadline_at) == ("done", 3, "Job", None)
+    assert (state.state, state.version, state.machine, state.deadline_at) == (
+        "done",
+        3,
+        "Job",
+        None,
+    )
     history = store.history(stream)
     assert [e.type for e in history.events] == ["$created", "start", "finish"]
     start = history.events[1]
@@ -176,19 +199,22 @@ def test_stale_state_and_version(store: Store) -> None:
         store.transition(stream, "pause", expected_state="queued", lease_epoch=epoch)
     assert stale.value.current_state == "running"
     with pytest.raises(VersionConflict) as conflict:
-        store.transition(stream, "pause", expected_state="running", expected_version=1,
-                         lease_epoch=epoch)
+        store.transition(
+            stream, "pause", expected_state="running", expected_version=1, lease_epoch=epoch
+        )
     assert conflict.value.current_version == 2
 
 
 def test_a_b_a_with_stale_version_is_refused(store: Store) -> None:
     stream, epoch = started(store)
-    store.transition(stream, "pause", expected_state="running", expected_version=2,
-                     lease_epoch=epoch)
+    store.transition(
+        stream, "pause", expected_state="running", expected_version=2, lease_epoch=epoch
+    )
     # Back in 'queued' as at version 1; the agent that read version 1 must not pass.
     with pytest.raises(VersionConflict):
-        store.transition(stream, "start", expected_state="queued", expected_version=1,
-                         lease_epoch=epoch)
+        store.transition(
+            stream, "start", expected_state="queued", expected_version=1, lease_epoch=epoch
+        )
     assert [e.type for e in store.read_stream(stream)] == ["$created", "start", "pause"]
 
 
@@ -216,15 +242,20 @@ def test_late_writer_after_lease_expiry_is_fenced(store: Store) -> None:
     assert new.epoch == old.epoch + 1
     # The late writer's expected state and version still match: only the epoch fences it.
     with pytest.raises(LeaseLost) as lost:
-        store.transition(stream, "start", expected_state="queued", expected_version=1,
-                         lease_epoch=old.epoch)
+        store.transition(
+            stream, "start", expected_state="queued", expected_version=1, lease_epoch=old.epoch
+        )
     assert lost.value.lease_owner == "fast"
     with pytest.raises(LeaseLost):
         store.renew_lease(old, timedelta(seconds=1))
     with pytest.raises(LeaseLost):
         store.release_lease(old)
-    assert store.transition(stream, "start", expected_state="queued", expected_version=1,
-                            lease_epoch=new.epoch).version == 2
+    assert (
+        store.transition(
+            stream, "start", expected_state="queued", expected_version=1, lease_epoch=new.epoch
+        ).version
+        == 2
+    )
 
 
 def test_expired_lease_without_successor_is_lost(store: Store) -> None:
@@ -233,8 +264,9 @@ def test_expired_lease_without_successor_is_lost(store: Store) -> None:
     lease = store.acquire_lease(stream, "w1", timedelta(milliseconds=50))
     wait_until(passed(lease.expires_at))
     with pytest.raises(LeaseLost):
-        store.transition(stream, "start", expected_state="queued", expected_version=1,
-                         lease_epoch=lease.epoch)
+        store.transition(
+            stream, "start", expected_state="queued", expected_version=1, lease_epoch=lease.epoch
+        )
 
 
 def test_renew_and_release(store: Store) -> None:
@@ -251,25 +283,53 @@ def test_renew_and_release(store: Store) -> None:
 
 def test_idempotency_key_returns_original_result_after_version_moved(store: Store) -> None:
     stream, epoch = started(store)
-    first = store.transition(stream, "pause", expected_state="running", expected_version=2,
-                             lease_epoch=epoch, idempotency_key="pause-1")
-    store.transition(stream, "start", expected_state="queued", expected_version=3,
-                     lease_epoch=epoch)
-    retry = store.transition(stream, "pause", expected_state="running", expected_version=2,
-                             lease_epoch=epoch, idempotency_key="pause-1")
+    first = store.transition(
+        stream,
+        "pause",
+        expected_state="running",
+        expected_version=2,
+        lease_epoch=epoch,
+        idempotency_key="pause-1",
+    )
+    store.transition(
+        stream, "start", expected_state="queued", expected_version=3, lease_epoch=epoch
+    )
+    retry = store.transition(
+        stream,
+        "pause",
+        expected_state="running",
+        expected_version=2,
+        lease_epoch=epoch,
+        idempotency_key="pause-1",
+    )
     assert retry.outcome == "duplicate"
     assert (retry.version, retry.position, retry.to_state) == (
-        first.version, first.position, first.to_state)
+        first.version,
+        first.position,
+        first.to_state,
+    )
     assert [e.type for e in store.read_stream(stream)].count("pause") == 1
 
 
 def test_idempotency_key_reused_for_other_request(store: Store) -> None:
     stream, epoch = started(store)
-    store.transition(stream, "pause", expected_state="running", expected_version=2,
-                     lease_epoch=epoch, idempotency_key="k")
+    store.transition(
+        stream,
+        "pause",
+        expected_state="running",
+        expected_version=2,
+        lease_epoch=epoch,
+        idempotency_key="k",
+    )
     with pytest.raises(IdempotencyKeyReused):
-        store.transition(stream, "start", expected_state="queued", expected_version=3,
-                         lease_epoch=epoch, idempotency_key="k")
+        store.transition(
+            stream,
+            "start",
+            expected_state="queued",
+            expected_version=3,
+            lease_epoch=epoch,
+            idempotency_key="k",
+        )
 
 
 def test_deadline_passed_then_timeout_edge_fences_lease(store: Store) -> None:
@@ -279,13 +339,21 @@ def test_deadline_passed_then_timeout_edge_fences_lease(store: Store) -> None:
     wait_until(passed(state.deadline_at))
     # No sweeper has run: the function itself checks the clock.
     with pytest.raises(DeadlinePassed):
-        store.transition(stream, "finish", expected_state="running", expected_version=2,
-                         lease_epoch=epoch, actor=WORKER, data={"result": "late"})
+        store.transition(
+            stream,
+            "finish",
+            expected_state="running",
+            expected_version=2,
+            lease_epoch=epoch,
+            actor=WORKER,
+            data={"result": "late"},
+        )
     fired = store.transition(stream, "expire", expected_state="running", expected_version=2)
     assert fired.to_state == "queued" and fired.lease_epoch == epoch + 1
     with pytest.raises(LeaseLost):
-        store.transition(stream, "start", expected_state="queued", expected_version=3,
-                         lease_epoch=epoch)
+        store.transition(
+            stream, "start", expected_state="queued", expected_version=3, lease_epoch=epoch
+        )
 
 
 def test_terminal_state(store: Store) -> None:
@@ -320,8 +388,9 @@ def test_guard_rejects(
 def test_try_transition_returns_and_records_rejections(store: Store) -> None:
     stream = new_id()
     store.create(stream, Job)
-    result = store.try_transition(stream, "finish", expected_state="queued",
-                                  actor={"kind": "worker"}, reason="trying")
+    result = store.try_transition(
+        stream, "finish", expected_state="queued", actor={"kind": "worker"}, reason="trying"
+    )
     assert result.outcome == "rejected" and not result.applied
     assert isinstance(result.error, IllegalTransition)
     assert result.from_state == "queued" and result.version == 1
@@ -342,13 +411,17 @@ def test_bad_input_is_refused_and_changes_nothing(store: Store) -> None:
         {"data": {"x": float("nan")}},
     ):
         with pytest.raises(InvalidInput):
-            store.transition(stream, "start", **kwargs)  # type: ignore[arg-type]
+            store.transition(stream, "start", **kwargs)
     with pytest.raises(InvalidInput):
         store.transition("", "start")
     with pytest.raises(InvalidInput):
         store.acquire_lease(stream, "w1", timedelta(0))
     state = store.stream_state(stream)
-    assert state is not None and (state.version, state.state, state.lease_owner) == (1, "queued", None)
+    assert state is not None and (state.version, state.state, state.lease_owner) == (
+        1,
+        "queued",
+        None,
+    )
 
 
 def test_fire_due_timeouts(store: Store) -> None:
@@ -360,7 +433,8 @@ def test_fire_due_timeouts(store: Store) -> None:
     ours = {f.stream_id: f for f in fired if f.stream_id in streams}
     assert set(ours) == set(streams)
     assert {(f.event, f.from_state, f.to_state, f.version) for f in ours.values()} == {
-        ("expire", "running", "queued", 3)}
+        ("expire", "running", "queued", 3)
+    }
     assert [f for f in store.fire_due_timeouts(limit=100) if f.stream_id in streams] == []
     for stream in streams:
         [*_, last_event] = store.read_stream(stream)
@@ -370,7 +444,10 @@ def test_fire_due_timeouts(store: Store) -> None:
 
 def test_migrate_instances(store: Store) -> None:
     stream = new_id()
-    store.create(stream, Job, )
+    store.create(
+        stream,
+        Job,
+    )
     v1 = store.register(Job)
     v2 = store.register(JobV2)
     assert v2.version > v1.version or not v2.created
@@ -383,7 +460,10 @@ def test_migrate_instances(store: Store) -> None:
     assert moved >= 1
     state = store.stream_state(stream)
     assert state is not None and (state.machine_version, state.state, state.version) == (
-        v2.version, "queued", 2)
+        v2.version,
+        "queued",
+        2,
+    )
     migrated = store.read_stream(stream)[-1]
     assert migrated.type == "$migrated" and migrated.data["to_version"] == v2.version
     # The instance now follows version 2's rules: 'start' needs no lease there.
