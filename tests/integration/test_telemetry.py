@@ -50,6 +50,7 @@ def test_transition_span_and_traceparent(store: Store, exporter: InMemorySpanExp
     assert isinstance(attributes["pgstate.lock_wait_us"], int)
     stored = store.read_stream(stream)[-1]
     context = span.get_span_context()
+    assert context is not None
     flags = int(context.trace_flags)
     assert stored.traceparent == f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
 
