@@ -85,8 +85,10 @@ BEGIN
             RETURN format('payload key %s is %s, expected %s', v_key,
                           jsonb_typeof(p_data -> v_key), v_spec -> 'types');
         END IF;
+        -- Exact equality: containment (@>) would also accept part of an array value.
         IF v_spec ? 'enum'
-           AND NOT (v_spec -> 'enum') @> jsonb_build_array(p_data -> v_key) THEN
+           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_spec -> 'enum') allowed
+                            WHERE allowed = p_data -> v_key) THEN
             RETURN format('payload key %s must be one of %s', v_key, v_spec -> 'enum');
         END IF;
     END LOOP;
