@@ -4,7 +4,6 @@ the sync and async stores share one implementation."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
@@ -22,6 +21,7 @@ from pgstate.models import (
     StreamAppend,
     StreamCondition,
     StreamState,
+    encode_json,
 )
 
 Row = tuple[Any, ...]
@@ -48,6 +48,10 @@ def check_identifier(value: object, field: str, max_length: int = MAX_STREAM_ID)
         raise InvalidInput(f"{field} must be 1 to {max_length} characters", detail={"field": field})
     if "\x00" in value:
         raise InvalidInput(f"{field} must not contain NUL characters", detail={"field": field})
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field} is not valid Unicode", detail={"field": field}) from None
     return value
 
 
@@ -60,9 +64,10 @@ def expected_code(expected: object) -> int:
             f"expected_version must be an ExpectedVersion or an int >= 0, got {expected!r}",
             detail={"field": "expected_version"},
         )
-    if expected < 0:
+    if not 0 <= expected < 2**63:
         raise InvalidInput(
-            f"expected_version must be >= 0, got {expected}", detail={"field": "expected_version"}
+            f"expected_version must be from 0 to 2**63 - 1, got {expected}",
+            detail={"field": "expected_version"},
         )
     return expected
 
@@ -105,9 +110,9 @@ def encode_actor(actor: Mapping[str, Any] | None) -> str | None:
     if not isinstance(actor, Mapping):
         raise InvalidInput("actor must be a JSON object", detail={"field": "actor"})
     try:
-        return json.dumps(dict(actor), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"actor is not JSON: {exc}", detail={"field": "actor"}) from None
+        return encode_json(dict(actor), "actor")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), detail={"field": "actor"}) from None
 
 
 def position_params(after: Position | str | None) -> dict[str, Any]:
@@ -122,6 +127,8 @@ def position_params(after: Position | str | None) -> dict[str, Any]:
         raise InvalidInput(
             "after must be a Position, a 'tx:pos' string or None", detail={"field": "after"}
         )
+    if not (0 <= after.tx < 2**64 and 0 <= after.pos < 2**63):
+        raise InvalidInput(f"after is out of range: {after!r}", detail={"field": "after"})
     return {"tx": str(after.tx), "pos": after.pos}
 
 
@@ -350,4 +357,18 @@ def check_version(
         query("check_version"),
         {"tenant": tenant, "stream_id": stream_id, "expected": expected_code(expected_version)},
     )
+    return int(rows[0][0])
+
+
+def read_range(
+    tx: int, first: int, last: int
+) -> Generator[Statement, list[Row], list[RecordedEvent]]:
+    """The events one transaction stored between two positions (for inline projections)."""
+    rows = yield Statement(query("read_range"), {"tx": str(tx), "first": first, "last": last})
+    return [record(row) for row in rows]
+
+
+def watermark() -> Generator[Statement, list[Row], int]:
+    """The oldest transaction id still running: every event below it is visible to readers."""
+    rows = yield Statement(query("watermark"), {})
     return int(rows[0][0])

@@ -15,6 +15,10 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 _TYPE_NAME = re.compile(r"^[^\x00]{1,200}$")
+# A JSON escape of NUL: "\u0000" preceded by an even number of backslashes (so not the
+# text of a literal backslash followed by "u0000").
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_POSITION = re.compile(r"([0-9]{1,20}):([0-9]{1,19})")
 
 
 class ExpectedVersion(enum.IntEnum):
@@ -31,8 +35,12 @@ def encode_json(value: Any, what: str) -> str:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from None
-    if "\\u0000" in text:
+    if _NUL_ESCAPE.search(text):
         raise ValueError(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains a lone surrogate, which is not Unicode") from None
     return text
 
 
@@ -88,10 +96,10 @@ class Position:
 
     @classmethod
     def parse(cls, text: str) -> Position:
-        tx, sep, pos = text.partition(":")
-        if not sep or not tx.isdigit() or not pos.isdigit():
+        match = _POSITION.fullmatch(text)
+        if match is None or int(match[1]) >= 2**64 or int(match[2]) >= 2**63:
             raise ValueError(f"a position looks like 'tx:pos', got {text!r}")
-        return cls(int(tx), int(pos))
+        return cls(int(match[1]), int(match[2]))
 
 
 START = Position(0, 0)

@@ -3,11 +3,14 @@ each method is one line that hands a sans-IO operation from ``_ops`` to the driv
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -25,6 +28,7 @@ from pgstate._driver import arun, run
 from pgstate._ops import Op, check_identifier
 from pgstate._telemetry import current_traceparent, transition_span
 from pgstate.config import Settings
+from pgstate.fold import Fold, FoldedState, load_state
 from pgstate.models import (
     AppendResult,
     ExpectedVersion,
@@ -42,6 +46,7 @@ from pgstate.models import (
     StreamState,
     TransitionResult,
 )
+from pgstate.projection import AsyncInlineProjection, InlineProjection, written_ranges
 
 if TYPE_CHECKING:
     from pgstate.machine import Machine
@@ -64,20 +69,59 @@ class Store(_StoreBase):
         *,
         tenant: str | None = None,
         settings: Settings | None = None,
+        inline_projections: Sequence[InlineProjection] = (),
     ) -> None:
         super().__init__(settings, tenant)
         self.engine = sync_engine(engine_or_url, self.settings)
+        self.inline_projections = list(inline_projections)
         # Single-statement calls run in autocommit: one round trip, no BEGIN/COMMIT.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    def _call(self, op: Op, conn: SyncConn | None, *, atomic: bool = False) -> Any:
+    def _call(
+        self, op: Op, conn: SyncConn | None, *, atomic: bool = False, writes: bool = False
+    ) -> Any:
+        project = writes and bool(self.inline_projections)
         if conn is not None:
-            return run(raw_sync(conn), op, atomic=atomic)
-        engine = self.engine if atomic else self._autocommit_engine
+            raw = raw_sync(conn)
+            if project and raw.autocommit:
+                with raw.transaction():
+                    return self._run_projected(raw, op)
+            return self._run_projected(raw, op) if project else run(raw, op, atomic=atomic)
+        engine = self.engine if atomic or project else self._autocommit_engine
         with engine.connect() as own:
-            result = run(raw_sync(own), op)
+            raw = raw_sync(own)
+            result = self._run_projected(raw, op) if project else run(raw, op)
             own.commit()
             return result
+
+    def _run_projected(self, raw: psycopg.Connection[Any], op: Op) -> Any:
+        """Run a write and then the inline projections on what it stored, in the same
+        transaction: the read models are never behind the log."""
+        result = run(raw, op)
+        for tx, first, last in written_ranges(result):
+            events: list[RecordedEvent] = run(raw, _ops.read_range(tx, first, last))
+            for event in events:
+                for projection in self.inline_projections:
+                    if projection.wants(event):
+                        projection.apply(raw, event)
+        return result
+
+    def wait_for(self, position: Position, *, timeout: float = 10.0) -> None:
+        """Return once ``position`` is visible to tailing readers (read-your-writes for
+        read_all and listeners); raise TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._call(_ops.watermark(), None) <= position.tx:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"position {position} not visible after {timeout}s")
+            time.sleep(0.002)
+
+    def load_state(
+        self, stream_id: str, fold: Fold, *, use_snapshot: bool = True, conn: SyncConn | None = None
+    ) -> FoldedState:
+        """Fold the stream's events (after the newest snapshot) into a state."""
+        op = load_state(self.tenant, stream_id, fold, use_snapshot)
+        folded: FoldedState = self._call(op, conn, atomic=True)
+        return folded
 
     def close(self) -> None:
         self.engine.dispose()
@@ -106,7 +150,7 @@ class Store(_StoreBase):
         op = _ops.append(
             self.settings, self.tenant, stream_id, events, expected_version, actor, traceparent
         )
-        result: AppendResult = self._call(op, conn)
+        result: AppendResult = self._call(op, conn, writes=True)
         return result
 
     def append_many(
@@ -121,7 +165,7 @@ class Store(_StoreBase):
         """Append to several streams atomically, each at its expected version, while the
         ``conditions`` streams hold their expected versions."""
         op = _ops.append_many(self.settings, self.tenant, appends, conditions, actor, traceparent)
-        results: list[AppendResult] = self._call(op, conn, atomic=True)
+        results: list[AppendResult] = self._call(op, conn, atomic=True, writes=True)
         return results
 
     def check_version(
@@ -215,7 +259,7 @@ class Store(_StoreBase):
             correlation_id,
             traceparent or current_traceparent(),
         )
-        instance: Instance = self._call(op, conn)
+        instance: Instance = self._call(op, conn, writes=True)
         return instance
 
     def transition(
@@ -257,7 +301,7 @@ class Store(_StoreBase):
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
             )
-            result: TransitionResult = span.record(self._call(op, conn))
+            result: TransitionResult = span.record(self._call(op, conn, writes=True))
             return result
 
     def try_transition(
@@ -300,7 +344,7 @@ class Store(_StoreBase):
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
             )
-            result: TransitionResult = span.record(self._call(op, conn))
+            result: TransitionResult = span.record(self._call(op, conn, writes=True))
             return result
 
     def acquire_lease(
@@ -377,19 +421,60 @@ class AsyncStore(_StoreBase):
         *,
         tenant: str | None = None,
         settings: Settings | None = None,
+        inline_projections: Sequence[AsyncInlineProjection] = (),
     ) -> None:
         super().__init__(settings, tenant)
         self.engine = async_engine(engine_or_url, self.settings)
+        self.inline_projections = list(inline_projections)
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _call(self, op: Op, conn: AsyncConn | None, *, atomic: bool = False) -> Any:
+    async def _call(
+        self, op: Op, conn: AsyncConn | None, *, atomic: bool = False, writes: bool = False
+    ) -> Any:
+        project = writes and bool(self.inline_projections)
         if conn is not None:
-            return await arun(await raw_async(conn), op, atomic=atomic)
-        engine = self.engine if atomic else self._autocommit_engine
+            raw = await raw_async(conn)
+            if project and raw.autocommit:
+                async with raw.transaction():
+                    return await self._run_projected(raw, op)
+            if project:
+                return await self._run_projected(raw, op)
+            return await arun(raw, op, atomic=atomic)
+        engine = self.engine if atomic or project else self._autocommit_engine
         async with engine.connect() as own:
-            result = await arun(await raw_async(own), op)
+            raw = await raw_async(own)
+            result = await self._run_projected(raw, op) if project else await arun(raw, op)
             await own.commit()
             return result
+
+    async def _run_projected(self, raw: psycopg.AsyncConnection[Any], op: Op) -> Any:
+        result = await arun(raw, op)
+        for tx, first, last in written_ranges(result):
+            events: list[RecordedEvent] = await arun(raw, _ops.read_range(tx, first, last))
+            for event in events:
+                for projection in self.inline_projections:
+                    if projection.wants(event):
+                        await projection.apply(raw, event)
+        return result
+
+    async def wait_for(self, position: Position, *, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while await self._call(_ops.watermark(), None) <= position.tx:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"position {position} not visible after {timeout}s")
+            await asyncio.sleep(0.002)
+
+    async def load_state(
+        self,
+        stream_id: str,
+        fold: Fold,
+        *,
+        use_snapshot: bool = True,
+        conn: AsyncConn | None = None,
+    ) -> FoldedState:
+        op = load_state(self.tenant, stream_id, fold, use_snapshot)
+        folded: FoldedState = await self._call(op, conn, atomic=True)
+        return folded
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -417,7 +502,7 @@ class AsyncStore(_StoreBase):
         op = _ops.append(
             self.settings, self.tenant, stream_id, events, expected_version, actor, traceparent
         )
-        result: AppendResult = await self._call(op, conn)
+        result: AppendResult = await self._call(op, conn, writes=True)
         return result
 
     async def append_many(
@@ -430,7 +515,7 @@ class AsyncStore(_StoreBase):
         conn: AsyncConn | None = None,
     ) -> list[AppendResult]:
         op = _ops.append_many(self.settings, self.tenant, appends, conditions, actor, traceparent)
-        results: list[AppendResult] = await self._call(op, conn, atomic=True)
+        results: list[AppendResult] = await self._call(op, conn, atomic=True, writes=True)
         return results
 
     async def check_version(
@@ -523,7 +608,7 @@ class AsyncStore(_StoreBase):
             correlation_id,
             traceparent or current_traceparent(),
         )
-        instance: Instance = await self._call(op, conn)
+        instance: Instance = await self._call(op, conn, writes=True)
         return instance
 
     async def transition(
@@ -565,7 +650,7 @@ class AsyncStore(_StoreBase):
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
             )
-            result: TransitionResult = span.record(await self._call(op, conn))
+            result: TransitionResult = span.record(await self._call(op, conn, writes=True))
             return result
 
     async def try_transition(
@@ -608,7 +693,7 @@ class AsyncStore(_StoreBase):
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
             )
-            result: TransitionResult = span.record(await self._call(op, conn))
+            result: TransitionResult = span.record(await self._call(op, conn, writes=True))
             return result
 
     async def acquire_lease(

@@ -1,0 +1,91 @@
+"""Folding a stream's events into a state, with snapshots so that only newer events are
+folded. A snapshot is keyed by stream and by a hash of the fold's code, so changing the
+fold invalidates its snapshots by itself."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from pgstate._ops import Row, Statement, check_identifier, record
+from pgstate._sql import query
+from pgstate.models import RecordedEvent, encode_json
+
+PAGE = 10_000
+
+
+class Fold:
+    """Subclass with a ``name``, :meth:`initial` and :meth:`apply`. States are JSON objects
+    (they are stored as jsonb snapshots). ``snapshot_every``: save a snapshot when a load
+    folded at least this many events."""
+
+    name: str = ""
+    version: str = "1"
+    snapshot_every: int = 1000
+
+    def initial(self) -> dict[str, Any]:
+        return {}
+
+    def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fold_hash(self) -> str:
+        cls = type(self)
+        try:
+            code = inspect.getsource(cls.apply) + inspect.getsource(cls.initial)
+        except (OSError, TypeError):
+            code = ""
+        text = f"{self.name or cls.__qualname__}\x00{self.version}\x00{code}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedState:
+    state: dict[str, Any]
+    version: int
+    snapshot_version: int | None
+    events_folded: int
+
+
+def load_state(
+    tenant: str, stream_id: str, fold: Fold, use_snapshot: bool
+) -> Generator[Statement, list[Row], FoldedState]:
+    check_identifier(stream_id, "stream_id")
+    fold_hash = fold.fold_hash()
+    state, version, snapshot_version = fold.initial(), 0, None
+    if use_snapshot:
+        rows = yield Statement(
+            query("load_snapshot"),
+            {"tenant": tenant, "stream_id": stream_id, "fold_hash": fold_hash},
+        )
+        if rows:
+            version, state = rows[0]
+            snapshot_version = version
+    folded = 0
+    while True:
+        rows = yield Statement(
+            query("read_stream_forward"),
+            {"tenant": tenant, "stream_id": stream_id, "from_version": version + 1, "limit": PAGE},
+        )
+        for row in rows:
+            event = record(row)
+            state = fold.apply(state, event)
+            version = event.version
+        folded += len(rows)
+        if len(rows) < PAGE:
+            break
+    if use_snapshot and folded >= fold.snapshot_every:
+        yield Statement(
+            query("save_snapshot"),
+            {
+                "tenant": tenant,
+                "stream_id": stream_id,
+                "fold_hash": fold_hash,
+                "version": version,
+                "state": encode_json(state, "folded state"),
+            },
+        )
+    return FoldedState(state, version, snapshot_version, folded)
