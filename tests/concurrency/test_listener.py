@@ -1,0 +1,165 @@
+"""The listener never misses an event: concurrent writer processes, transactions that take
+a position and commit late, both notification modes, a killed connection, and a stall
+report for an idle transaction holding the horizon."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+import time
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgstate import NewEvent, Store
+from pgstate._connect import libpq_dsn
+from pgstate.listen import Listener, Relay, Stall, set_notify_mode
+from pgstate.models import RecordedEvent
+
+pytestmark = pytest.mark.committing
+
+WRITERS = 4
+PER_WRITER = 150
+
+
+def writer(dsn: str, number: int, acks: Any) -> None:
+    """Append events; about one in five stays open a while after taking its position."""
+    rng = random.Random(number)
+    store = Store(dsn)
+    acked = []
+    with psycopg.connect(libpq_dsn(dsn)) as conn:
+        for index in range(PER_WRITER):
+            stream = f"w{number}-{index % 5}"
+            result = store.append(stream, [NewEvent(type="Wrote", data={"i": index})], conn=conn)
+            if rng.random() < 0.2:
+                time.sleep(rng.uniform(0.001, 0.02))  # commits late, after later positions
+            conn.commit()
+            acked.append((stream, result.version))
+    store.close()
+    acks.put(acked)
+
+
+def run_writers(dsn: str) -> list[tuple[str, int]]:
+    context = multiprocessing.get_context("spawn")
+    acks = context.Queue()
+    processes = [context.Process(target=writer, args=(dsn, n, acks)) for n in range(WRITERS)]
+    for process in processes:
+        process.start()
+    acknowledged = [item for _ in processes for item in acks.get(timeout=120)]
+    for process in processes:
+        process.join(timeout=30)
+    return acknowledged
+
+
+def collect(listener: Listener, expected: int, delivered: list[RecordedEvent]) -> threading.Thread:
+    deadline = time.monotonic() + 120
+
+    def body() -> None:
+        for event in listener.events(
+            should_stop=lambda: len(delivered) >= expected or time.monotonic() > deadline
+        ):
+            delivered.append(event)
+            if len(delivered) >= expected:
+                break
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread
+
+
+def check_delivery(acknowledged: list[tuple[str, int]], delivered: list[RecordedEvent]) -> None:
+    keys = [(e.stream_id, e.version) for e in delivered]
+    assert len(keys) == len(set(keys)), "an event was delivered twice"
+    assert set(keys) == set(acknowledged), "an acknowledged event was missed"
+    positions = [e.position for e in delivered]
+    assert positions == sorted(positions)
+    per_stream: dict[str, list[int]] = defaultdict(list)
+    for event in delivered:
+        per_stream[event.stream_id].append(event.version)
+    for versions in per_stream.values():
+        assert versions == list(range(1, len(versions) + 1))
+
+
+@pytest.mark.parametrize("mode", ["commit", "relay"])
+def test_listener_delivers_every_event_once(fresh_db: str, mode: str) -> None:
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        set_notify_mode(conn, mode)
+    stop_relay = threading.Event()
+    relay_thread = None
+    if mode == "relay":
+        relay = Relay(fresh_db, interval=0.002)
+        relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set,))
+        relay_thread.start()
+    listener = Listener(fresh_db, poll_interval=1.0)
+    delivered: list[RecordedEvent] = []
+    thread = collect(listener, WRITERS * PER_WRITER, delivered)
+    acknowledged = run_writers(fresh_db)
+    thread.join(timeout=120)
+    stop_relay.set()
+    if relay_thread is not None:
+        relay_thread.join()
+    listener.close()
+    assert len(acknowledged) == WRITERS * PER_WRITER
+    check_delivery(acknowledged, delivered)
+
+
+def test_listener_recovers_from_killed_connection(fresh_db: str) -> None:
+    store = Store(fresh_db)
+    listener = Listener(fresh_db, poll_interval=0.05, reconnect_delay=0.01)
+    delivered: list[RecordedEvent] = []
+    total = 300
+    thread = collect(listener, total, delivered)
+    acknowledged = []
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as admin:
+        for index in range(total):
+            result = store.append(f"k-{index % 7}", [NewEvent(type="K", data={"i": index})])
+            acknowledged.append((f"k-{index % 7}", result.version))
+            if index in (100, 200):
+                conn = listener.conn
+                assert conn is not None
+                admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+    thread.join(timeout=60)
+    listener.close()
+    store.close()
+    assert listener.reconnects >= 1
+    check_delivery(acknowledged, delivered)
+
+
+def test_idle_transaction_is_reported_as_stall(fresh_db: str) -> None:
+    store = Store(fresh_db)
+    stalls: list[Stall] = []
+    listener = Listener(
+        fresh_db,
+        poll_interval=0.05,
+        stall_after=timedelta(milliseconds=100),
+        on_stall=stalls.append,
+    )
+    with psycopg.connect(libpq_dsn(fresh_db)) as idle:
+        store.append("held-1", [NewEvent(type="Held")], conn=idle)  # open, not committed
+        idle_pid = idle.info.backend_pid
+        store.append("free-1", [NewEvent(type="Free")])  # committed, but behind the horizon
+        delivered: list[RecordedEvent] = []
+        deadline = time.monotonic() + 10
+        for event in listener.events(
+            should_stop=lambda: bool(stalls) or time.monotonic() > deadline
+        ):
+            delivered.append(event)
+        assert delivered == []  # nothing is skipped past the open transaction
+        assert stalls, "the stall was not reported"
+        stall = stalls[0]
+        assert stall.pid == idle_pid
+        assert stall.state == "idle in transaction"
+        assert stall.held_events == 1
+        idle.commit()
+    listener.stall_after = timedelta(hours=1)
+    got: list[RecordedEvent] = []
+    deadline = time.monotonic() + 10
+    for event in listener.events(should_stop=lambda: len(got) == 2 or time.monotonic() > deadline):
+        got.append(event)
+    assert [e.stream_id for e in got] == ["held-1", "free-1"]
+    listener.close()
+    store.close()

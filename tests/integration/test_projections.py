@@ -1,0 +1,271 @@
+"""Inline projections, the async projection worker (exactly-once checkpoints, fencing,
+parking, consumer groups, rebuild), read-your-writes and snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from pgstate import LeaseLost, NewEvent, Store
+from pgstate._connect import libpq_dsn
+from pgstate.fold import Fold
+from pgstate.models import Position, RecordedEvent
+from pgstate.projection import (
+    InlineProjection,
+    Projection,
+    ProjectionWorker,
+    rebuild,
+    wait_for_projection,
+)
+
+pytestmark = pytest.mark.committing
+
+
+class Totals(InlineProjection):
+    name = "totals"
+    types = ("Added",)
+
+    def apply(self, conn: psycopg.Connection[Any], event: RecordedEvent) -> None:
+        conn.execute(
+            "INSERT INTO totals (stream_id, total) VALUES (%s, %s) "
+            "ON CONFLICT (stream_id) DO UPDATE SET total = totals.total + excluded.total",
+            (event.stream_id, event.data["n"]),
+        )
+
+
+class Failing(InlineProjection):
+    def apply(self, conn: psycopg.Connection[Any], event: RecordedEvent) -> None:
+        raise RuntimeError("read model unavailable")
+
+
+def added(n: int) -> NewEvent:
+    return NewEvent(type="Added", data={"n": n})
+
+
+def create_totals(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE totals (stream_id text PRIMARY KEY, total int)"))
+
+
+def total(store: Store, stream_id: str) -> int | None:
+    with store.engine.connect() as conn:
+        value = conn.execute(
+            text("SELECT total FROM totals WHERE stream_id = :s"), {"s": stream_id}
+        ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+
+def test_inline_projection_commits_with_the_append(fresh_db: str) -> None:
+    store = Store(fresh_db, inline_projections=[Totals()])
+    create_totals(store)
+    store.append("cart-1", [added(2), added(3), NewEvent(type="Viewed")])
+    assert total(store, "cart-1") == 5
+    with store.engine.connect() as conn:
+        store.append("cart-1", [added(10)], conn=conn)
+        conn.rollback()
+    assert total(store, "cart-1") == 5
+    assert len(store.read_stream("cart-1")) == 3
+    # An idempotent retry stores nothing and projects nothing.
+    event = added(7)
+    store.append("cart-2", [event])
+    store.append("cart-2", [event])
+    assert total(store, "cart-2") == 7
+    store.close()
+
+
+def test_failing_inline_projection_stores_nothing(fresh_db: str) -> None:
+    store = Store(fresh_db, inline_projections=[Failing()])
+    with pytest.raises(RuntimeError):
+        store.append("cart-3", [added(1)])
+    assert store.stream_state("cart-3") is None
+    store.close()
+
+
+class Counting(Projection):
+    """Counts events per stream and records the last version seen, checking order."""
+
+    name = "counting"
+    table = "event_counts"
+
+    def __init__(self, poison: set[int] | None = None) -> None:
+        self.poison = poison or set()
+
+    async def setup(self, conn: psycopg.AsyncConnection[Any], table: str) -> None:
+        await conn.execute(
+            psycopg.sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (stream_id text PRIMARY KEY, seen int, last int)"
+            ).format(psycopg.sql.Identifier(table))
+        )
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+    ) -> None:
+        if event.data.get("n") in self.poison:
+            raise ValueError(f"cannot handle {event.data}")
+        await conn.execute(
+            psycopg.sql.SQL(
+                "INSERT INTO {t} (stream_id, seen, last) VALUES (%s, 1, %s) "
+                "ON CONFLICT (stream_id) DO UPDATE SET seen = {t}.seen + 1, last = excluded.last"
+            ).format(t=psycopg.sql.Identifier(table)),
+            (event.stream_id, event.version),
+        )
+
+
+def counts(dsn: str, table: str = "event_counts") -> dict[str, tuple[int, int]]:
+    with psycopg.connect(libpq_dsn(dsn)) as conn:
+        rows = conn.execute(
+            psycopg.sql.SQL("SELECT stream_id, seen, last FROM {}").format(
+                psycopg.sql.Identifier(table)
+            )
+        ).fetchall()
+    return {stream: (seen, last) for stream, seen, last in rows}
+
+
+async def drain(worker: ProjectionWorker) -> None:
+    for _ in range(1000):
+        if await worker.run_once() == 0:
+            return
+    raise AssertionError("worker did not drain")
+
+
+def test_worker_exactly_once_parking_and_retry(fresh_store: Store, fresh_db: str) -> None:
+    for stream in ("acct-1", "acct-2"):
+        fresh_store.append(stream, [NewEvent(type="Added", data={"n": n}) for n in range(5)])
+    projection = Counting(poison={3})
+    worker = ProjectionWorker(fresh_db, projection, page_size=3, max_attempts=2)
+
+    async def scenario() -> None:
+        await drain(worker)
+        await drain(worker)  # nothing new: no double counting
+        parked = await worker.parked_events()
+        assert len(parked) == 2 and all("cannot handle" in row[4] for row in parked)
+        assert counts(fresh_db) == {"acct-1": (4, 5), "acct-2": (4, 5)}
+        projection.poison.clear()
+        assert await worker.retry_parked() == 2
+        assert await worker.parked_events() == []
+        assert counts(fresh_db) == {"acct-1": (5, 4), "acct-2": (5, 4)}
+        last = fresh_store.append("acct-1", [added(9)])
+        await drain(worker)
+        await wait_for_projection(fresh_db, "counting", last.last_position, timeout=5)
+        assert counts(fresh_db)["acct-1"] == (6, 6)
+        await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_stale_worker_is_fenced(fresh_store: Store, fresh_db: str) -> None:
+    fresh_store.append("acct-9", [added(1)])
+    first = ProjectionWorker(
+        fresh_db, Counting(), owner="w1", lease_ttl=timedelta(milliseconds=200)
+    )
+    second = ProjectionWorker(fresh_db, Counting(), owner="w2")
+
+    async def scenario() -> None:
+        assert await first.claim()
+        assert not await second.claim()  # one active worker per projection
+        # The first worker "hangs"; the second takes over once the first lease lapses.
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await second.claim():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        assert second.epoch == (first.epoch or 0) + 1
+        fresh_store.append("acct-9", [added(2)])
+        with pytest.raises(LeaseLost):
+            await first.run_once()
+        assert counts(fresh_db) == {}  # nothing of the fenced page was committed
+        await drain(second)
+        assert counts(fresh_db) == {"acct-9": (2, 2)}
+        await first.close()
+        await second.close()
+
+    asyncio.run(scenario())
+
+
+def test_consumer_group_splits_streams(fresh_store: Store, fresh_db: str) -> None:
+    streams = [f"acct-{n}" for n in range(20)]
+    for stream in streams:
+        fresh_store.append(stream, [added(n) for n in range(3)])
+    members = [
+        ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"m{m}") for m in range(2)
+    ]
+
+    async def scenario() -> None:
+        for worker in members:
+            await drain(worker)
+        handled = [worker.handled for worker in members]
+        assert sum(handled) == 60 and all(h > 0 for h in handled)
+        for worker in members:
+            await worker.close()
+
+    asyncio.run(scenario())
+    assert counts(fresh_db) == {stream: (3, 3) for stream in streams}
+
+
+def test_rebuild_swaps_in_a_fresh_table(fresh_store: Store, fresh_db: str) -> None:
+    for stream in ("acct-a", "acct-b"):
+        fresh_store.append(stream, [added(n) for n in range(4)])
+    worker = ProjectionWorker(fresh_db, Counting())
+    progress: list[tuple[int, int]] = []
+
+    async def scenario() -> Position:
+        await drain(worker)
+        await worker.release()
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            conn.execute("UPDATE event_counts SET seen = 999")  # a corrupted read model
+        position = await rebuild(
+            fresh_db, Counting(), progress=lambda done, total: progress.append((done, total))
+        )
+        fresh_store.append("acct-a", [added(7)])
+        await drain(worker)
+        await worker.close()
+        return position
+
+    position = asyncio.run(scenario())
+    assert counts(fresh_db) == {"acct-a": (5, 5), "acct-b": (4, 4)}
+    assert progress and progress[-1][0] == 8
+    assert position.pos > 0
+
+
+def test_store_wait_for(fresh_store: Store) -> None:
+    result = fresh_store.append("note-1", [added(1)])
+    fresh_store.wait_for(result.last_position, timeout=5)
+    page = fresh_store.read_all()
+    assert page.last_position == result.last_position
+
+
+class Sum(Fold):
+    name = "sum"
+    snapshot_every = 100
+
+    def initial(self) -> dict[str, Any]:
+        return {"total": 0, "count": 0}
+
+    def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        return {"total": state["total"] + event.data["n"], "count": state["count"] + 1}
+
+
+def test_load_state_with_snapshots(fresh_store: Store) -> None:
+    fresh_store.append("ledger-1", [added(n) for n in range(250)])
+    first = fresh_store.load_state("ledger-1", Sum())
+    assert first.state == {"total": sum(range(250)), "count": 250}
+    assert (first.snapshot_version, first.events_folded) == (None, 250)
+    fresh_store.append("ledger-1", [added(1000)])
+    second = fresh_store.load_state("ledger-1", Sum())
+    assert second.state == {"total": sum(range(250)) + 1000, "count": 251}
+    assert (second.snapshot_version, second.events_folded, second.version) == (250, 1, 251)
+    plain = fresh_store.load_state("ledger-1", Sum(), use_snapshot=False)
+    assert plain.state == second.state and plain.events_folded == 251
+
+    class Doubled(Sum):
+        def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+            return {"total": state["total"] + 2 * event.data["n"], "count": state["count"] + 1}
+
+    assert Doubled().fold_hash() != Sum().fold_hash()
+    doubled = fresh_store.load_state("ledger-1", Doubled())
+    assert doubled.snapshot_version is None
+    assert doubled.state["total"] == 2 * (sum(range(250)) + 1000)
