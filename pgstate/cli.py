@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate.config import Settings
+from pgstate.listen import Relay
 from pgstate.machine import Machine
+from pgstate.projection import Projection, ProjectionWorker, rebuild
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -99,6 +103,88 @@ def cmd_timeouts(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
+def _load_projection(target: str) -> Projection:
+    module_name, _, attribute = target.partition(":")
+    if not attribute:
+        raise SystemExit("give the projection as MODULE:NAME")
+    value = getattr(importlib.import_module(module_name), attribute)
+    projection = value() if isinstance(value, type) else value
+    if not isinstance(projection, Projection):
+        raise SystemExit(f"{target} is not a pgstate Projection")
+    return projection
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Projections, the deadline sweeper and (in relay mode) the notification relay."""
+    dsn = _dsn(args)
+    stop = threading.Event()
+    threads = []
+    if args.relay:
+        relay = Relay(dsn, interval=args.relay_interval)
+        threads.append(threading.Thread(target=relay.run, args=(stop.is_set,), daemon=True))
+    for thread in threads:
+        thread.start()
+
+    async def sweep() -> None:
+        from pgstate.store import AsyncStore
+
+        async with AsyncStore(dsn) as store:
+            while not stop.is_set():
+                fired = await store.fire_due_timeouts(limit=100)
+                if len(fired) < 100:
+                    await asyncio.sleep(1.0)
+
+    async def main() -> None:
+        workers = [
+            ProjectionWorker(
+                dsn, _load_projection(target), member=args.member, members=args.members
+            )
+            for target in args.projections
+        ]
+        tasks = [asyncio.create_task(worker.run(stop.is_set)) for worker in workers]
+        if not args.no_timeouts:
+            tasks.append(asyncio.create_task(sweep()))
+        print(
+            f"pgstate worker: {len(workers)} projection(s), relay {'on' if args.relay else 'off'}"
+        )
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            stop.set()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    projection = _load_projection(args.projection)
+
+    def bar(done: int, total: int) -> None:
+        width = 40
+        filled = int(width * done / total) if total else width
+        sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events")
+        sys.stdout.flush()
+
+    position = asyncio.run(rebuild(_dsn(args), projection, progress=bar))
+    print(f"\nrebuilt {projection.name} into {projection.table} up to {position}")
+    return 0
+
+
+def cmd_notify_mode(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from pgstate._connect import libpq_dsn
+    from pgstate.listen import set_notify_mode
+
+    with psycopg.connect(libpq_dsn(_dsn(args)), autocommit=True) as conn:
+        set_notify_mode(conn, args.mode)
+    print(f"notify mode: {args.mode}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pgstate.demo import main as demo_main
 
@@ -127,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     timeouts.add_argument("--batch", type=int, default=100)
     timeouts.add_argument("--interval", type=float, default=1.0)
     timeouts.add_argument("--once", action="store_true")
+    worker = with_dsn(commands.add_parser("worker", help="run projections, sweeper, relay"))
+    worker.add_argument("projections", nargs="*", help="MODULE:NAME of Projection objects")
+    worker.add_argument("--member", type=int, default=0)
+    worker.add_argument("--members", type=int, default=1)
+    worker.add_argument("--relay", action="store_true", help="run the NOTIFY relay")
+    worker.add_argument("--relay-interval", type=float, default=0.002)
+    worker.add_argument("--no-timeouts", action="store_true", help="do not fire deadlines")
+    rebuild_cmd = with_dsn(commands.add_parser("rebuild", help="rebuild a projection's table"))
+    rebuild_cmd.add_argument("projection", help="MODULE:NAME")
+    mode = with_dsn(commands.add_parser("notify-mode", help="set how new events are signalled"))
+    mode.add_argument("mode", choices=["commit", "relay"])
     demo = with_dsn(commands.add_parser("demo", help="multi-agent ticket triage"))
     demo.add_argument("--tickets", type=int, default=300)
     demo.add_argument("--agents", type=int, default=6)
@@ -141,6 +238,9 @@ HANDLERS = {
     "inspect": cmd_inspect,
     "timeouts": cmd_timeouts,
     "demo": cmd_demo,
+    "worker": cmd_worker,
+    "rebuild": cmd_rebuild,
+    "notify-mode": cmd_notify_mode,
 }
 
 

@@ -42,3 +42,49 @@ def test_diagram_and_sql() -> None:
     assert sql.returncode == 0
     for path in sorted((Path(__file__).parents[2] / "sql" / "migrations").glob("*.sql")):
         assert f"-- {path.name}" in sql.stdout
+
+
+def test_worker_and_rebuild_commands(fresh_db: str) -> None:
+    import asyncio
+    import os
+
+    import psycopg
+
+    from pgstate import Store
+    from pgstate._connect import libpq_dsn
+    from pgstate.projection import wait_for_projection
+    from pgstate.triage import Ticket
+
+    examples = str(Path(__file__).parents[2] / "examples")
+    env = {**os.environ, "PYTHONPATH": examples}
+    store = Store(fresh_db)
+    store.register(Ticket)
+    created = [store.create(f"ticket-{n}", Ticket) for n in range(5)]
+    worker = subprocess.Popen(
+        [*PGSTATE, "worker", "ticket_board:board", "--relay", "--dsn", fresh_db],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        asyncio.run(wait_for_projection(fresh_db, "ticket_board", created[-1].position, timeout=30))
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+        rows = conn.execute("SELECT ticket, state FROM ticket_board ORDER BY ticket").fetchall()
+    assert rows == [(f"ticket-{n}", "new") for n in range(5)]
+    rebuilt = subprocess.run(
+        [*PGSTATE, "rebuild", "ticket_board:board", "--dsn", fresh_db],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "5/5 events" in rebuilt.stdout
+    with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+        count = conn.execute("SELECT count(*) FROM ticket_board").fetchone()
+    assert count == (5,)
+    store.close()
