@@ -140,6 +140,7 @@ def transition(
     correlation_id: uuid.UUID | None,
     traceparent: str | None,
     raise_rejection: bool,
+    record_as: str | None = None,
 ) -> Generator[Statement, list[Row], TransitionResult]:
     check_identifier(stream_id, "stream_id")
     check_identifier(event, "event", 100)
@@ -167,6 +168,7 @@ def transition(
             "correlation_id": _uuid(correlation_id, "correlation_id"),
             "release_lease": bool(release_lease),
             "raise": raise_rejection,
+            "record_as": _optional_text(record_as, "record_as", 200),
         },
     )
     (

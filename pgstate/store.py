@@ -279,9 +279,11 @@ class Store(_StoreBase):
         causation_id: uuid.UUID | None = None,
         correlation_id: uuid.UUID | None = None,
         traceparent: str | None = None,
+        record_as: str | None = None,
         conn: SyncConn | None = None,
     ) -> TransitionResult:
-        """Apply ``event`` to the instance, or raise the typed rejection."""
+        """Apply ``event`` to the instance, or raise the typed rejection. The stored
+        event's type is ``record_as`` if given, else the event's name."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
                 self.tenant,
@@ -300,6 +302,7 @@ class Store(_StoreBase):
                 correlation_id=correlation_id,
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
+                record_as=record_as,
             )
             result: TransitionResult = span.record(self._call(op, conn, writes=True))
             return result
@@ -321,6 +324,7 @@ class Store(_StoreBase):
         causation_id: uuid.UUID | None = None,
         correlation_id: uuid.UUID | None = None,
         traceparent: str | None = None,
+        record_as: str | None = None,
         conn: SyncConn | None = None,
     ) -> TransitionResult:
         """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
@@ -343,6 +347,7 @@ class Store(_StoreBase):
                 correlation_id=correlation_id,
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
+                record_as=record_as,
             )
             result: TransitionResult = span.record(self._call(op, conn, writes=True))
             return result
@@ -628,9 +633,11 @@ class AsyncStore(_StoreBase):
         causation_id: uuid.UUID | None = None,
         correlation_id: uuid.UUID | None = None,
         traceparent: str | None = None,
+        record_as: str | None = None,
         conn: AsyncConn | None = None,
     ) -> TransitionResult:
-        """Apply ``event`` to the instance, or raise the typed rejection."""
+        """Apply ``event`` to the instance, or raise the typed rejection. The stored
+        event's type is ``record_as`` if given, else the event's name."""
         with transition_span(stream_id, event) as span:
             op = _machine_ops.transition(
                 self.tenant,
@@ -649,6 +656,7 @@ class AsyncStore(_StoreBase):
                 correlation_id=correlation_id,
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=True,
+                record_as=record_as,
             )
             result: TransitionResult = span.record(await self._call(op, conn, writes=True))
             return result
@@ -670,6 +678,7 @@ class AsyncStore(_StoreBase):
         causation_id: uuid.UUID | None = None,
         correlation_id: uuid.UUID | None = None,
         traceparent: str | None = None,
+        record_as: str | None = None,
         conn: AsyncConn | None = None,
     ) -> TransitionResult:
         """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
@@ -692,6 +701,7 @@ class AsyncStore(_StoreBase):
                 correlation_id=correlation_id,
                 traceparent=traceparent or span.traceparent,
                 raise_rejection=False,
+                record_as=record_as,
             )
             result: TransitionResult = span.record(await self._call(op, conn, writes=True))
             return result

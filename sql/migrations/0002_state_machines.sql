@@ -243,6 +243,7 @@ $$;
 -- transition_v1: one state-machine step, checked and applied in one transaction.
 -- Check order (the design): stream lock; idempotency key; instance; terminal state;
 -- deadline; lease and fencing epoch; expected state and version; legal edge; guard.
+-- p_event_type names the stored event (default: the machine event's name).
 -- With p_raise false a rejection is returned (outcome 'rejected') and recorded for audit
 -- instead of raised.
 CREATE FUNCTION pgstate.transition_v1(
@@ -251,7 +252,7 @@ CREATE FUNCTION pgstate.transition_v1(
     p_idempotency_key text, p_actor jsonb, p_reason text, p_data jsonb,
     p_lease_epoch bigint, p_traceparent text,
     p_event_id uuid, p_causation_id uuid, p_correlation_id uuid,
-    p_release_lease boolean, p_raise boolean,
+    p_release_lease boolean, p_raise boolean, p_event_type text,
     OUT o_outcome text, OUT o_code text, OUT o_message text,
     OUT o_from_state text, OUT o_to_state text, OUT o_version bigint,
     OUT o_tx xid8, OUT o_pos bigint, OUT o_lease_epoch bigint,
@@ -291,6 +292,10 @@ BEGIN
     IF length(p_idempotency_key) NOT BETWEEN 1 AND 200 THEN
         PERFORM pgstate.raise_error('SM012', 'idempotency key must be 1 to 200 characters',
             jsonb_build_object('field', 'idempotency_key'));
+    END IF;
+    IF length(p_event_type) NOT BETWEEN 1 AND 200 THEN
+        PERFORM pgstate.raise_error('SM012', 'event type must be 1 to 200 characters',
+            jsonb_build_object('field', 'record_as'));
     END IF;
     IF p_data IS NOT NULL AND jsonb_typeof(p_data) <> 'object' THEN
         PERFORM pgstate.raise_error('SM012', 'data must be a JSON object',
@@ -460,10 +465,11 @@ BEGIN
     INSERT INTO pgstate.events (tenant, stream_id, version, category, type, data, metadata,
                                 event_id, causation_id, correlation_id, actor, traceparent,
                                 machine_version)
-    VALUES (p_tenant, p_stream_id, o_version, v_head.category, p_event,
+    VALUES (p_tenant, p_stream_id, o_version, v_head.category, coalesce(p_event_type, p_event),
             coalesce(p_data, '{}'::jsonb),
             jsonb_strip_nulls(jsonb_build_object(
                 'from_state', o_from_state, 'to_state', o_to_state, 'reason', p_reason,
+                'event', CASE WHEN p_event_type IS NOT NULL THEN p_event END,
                 'idempotency_key', p_idempotency_key, 'lease_epoch', p_lease_epoch,
                 'timeout', CASE WHEN v_is_timeout THEN true END)),
             coalesce(p_event_id, gen_random_uuid()), p_causation_id, p_correlation_id,
@@ -651,7 +657,7 @@ BEGIN
             v_candidate.state, v_candidate.version,
             'timeout:' || v_candidate.stream_id || ':' || v_candidate.version,
             jsonb_build_object('kind', 'system', 'name', 'deadline-sweeper'),
-            'deadline passed', NULL, NULL, NULL, NULL, NULL, NULL, false, false);
+            'deadline passed', NULL, NULL, NULL, NULL, NULL, NULL, false, false, NULL);
         CONTINUE WHEN v_result.o_outcome <> 'applied';
         v_fired := v_fired + 1;
         o_tenant := v_candidate.tenant;

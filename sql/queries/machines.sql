@@ -18,7 +18,7 @@ SELECT o_outcome, o_code, o_message, o_from_state, o_to_state, o_version, o_tx, 
                              %(actor)s::jsonb, %(reason)s, %(data)s::jsonb,
                              %(lease_epoch)s::bigint, %(traceparent)s, %(event_id)s::uuid,
                              %(causation_id)s::uuid, %(correlation_id)s::uuid,
-                             %(release_lease)s, %(raise)s)
+                             %(release_lease)s, %(raise)s, %(record_as)s)
 
 -- name: acquire_lease
 SELECT o_epoch, o_expires_at, o_version, o_state

@@ -164,7 +164,7 @@ BEGIN
             v_candidate.state, v_candidate.version,
             'timeout:' || v_candidate.stream_id || ':' || v_candidate.version,
             jsonb_build_object('kind', 'system', 'name', 'deadline-sweeper'),
-            'deadline passed', NULL, NULL, NULL, NULL, NULL, NULL, false, false);
+            'deadline passed', NULL, NULL, NULL, NULL, NULL, NULL, false, false, NULL);
         CONTINUE WHEN v_result.o_outcome <> 'applied';
         v_fired := v_fired + 1;
         o_tenant := v_candidate.tenant;

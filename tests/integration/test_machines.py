@@ -468,3 +468,18 @@ def test_migrate_instances(store: Store) -> None:
     assert migrated.type == "$migrated" and migrated.data["to_version"] == v2.version
     # The instance now follows version 2's rules: 'start' needs no lease there.
     assert store.transition(stream, "start", expected_version=2).to_state == "working"
+
+
+def test_record_as_names_the_stored_event(store: Store) -> None:
+    stream = new_id()
+    store.create(stream, Job)
+    lease = store.acquire_lease(stream, "w1", timedelta(seconds=5))
+    store.transition(stream, "start", lease_epoch=lease.epoch, record_as="JobStarted")
+    last = store.read_stream(stream)[-1]
+    assert (last.type, last.metadata["event"], last.metadata["to_state"]) == (
+        "JobStarted",
+        "start",
+        "running",
+    )
+    with pytest.raises(InvalidInput):
+        store.transition(stream, "pause", lease_epoch=lease.epoch, record_as="")
