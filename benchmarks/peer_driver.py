@@ -1,0 +1,213 @@
+"""pgstate's driver for the shared peer harness (../shared/bench).
+
+Every call goes through pgstate's public API on one psycopg autocommit connection per
+process, passed as ``conn=``: one round trip per append (``append_v1``) and per transition
+(``transition_v1``, which checks state under the stream's advisory lock and appends the
+event in the same transaction).
+
+Two drivers: ``pgstate`` (the default notification mode, ``relay``: writers never NOTIFY;
+the listener process hosts the relay) and ``pgstate_commit_notify`` (every writing
+transaction NOTIFYs), so both modes are measured in one run.
+
+Run from the project root:
+
+    ../shared/bench/.venv/bin/python ../shared/bench/run.py \
+        --driver-file benchmarks/peer_driver.py --drivers raw,pgstate,eventsourcing --scale small
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from harness.driver import Conflict, Driver, Event  # type: ignore[import-not-found]
+from sqlalchemy import create_engine
+
+from pgstate import ExpectedVersion, NewEvent, StaleState, Store, TerminalState, VersionConflict
+from pgstate._connect import psycopg_url
+from pgstate.listen import Listener, Relay, set_notify_mode
+from pgstate.machine import Machine, State
+from pgstate.migrate import upgrade
+from pgstate.models import Position, RecordedEvent
+
+POS_BITS = 40  # a harness position is one int: (tx << 40) | pos
+
+
+class BenchTicket(Machine):
+    """The harness's lifecycle, as a pgstate machine (no leases: the harness's agents race
+    by compare-and-set on the state, which pgstate checks under the stream lock)."""
+
+    name = "BenchTicket"
+    new = State(initial=True)
+    classifying = State()
+    classified = State()
+    drafting = State()
+    draft_ready = State()
+    escalating = State()
+    resolved = State(final=True)
+
+    start_classifying = new.to(classifying)
+    classify = classifying.to(classified)
+    start_drafting = classified.to(drafting)
+    draft = drafting.to(draft_ready)
+    start_escalating = draft_ready.to(escalating)
+    resolve = escalating.to(resolved)
+
+
+EVENT_FOR_EDGE = {
+    (edge["from"], edge["to"]): edge["event"] for edge in BenchTicket.definition()["edges"]
+}
+
+
+def encode(position: Position) -> int:
+    return (position.tx << POS_BITS) | position.pos
+
+
+def decode(number: int) -> Position | None:
+    if number <= 0:
+        return None
+    return Position(number >> POS_BITS, number & ((1 << POS_BITS) - 1))
+
+
+def to_event(event: RecordedEvent) -> Event:
+    return Event(encode(event.position), event.stream_id, event.version, event.type, event.data)
+
+
+class PgState(Driver):  # type: ignore[misc]
+    name = "pgstate"
+    description = "pgstate: append_v1 / transition_v1 stored functions under advisory locks"
+    backend = "postgres"
+    can_transition = True
+    can_listen = True
+    listen_note = "Listener (LISTEN + catch-up below the xid8 watermark), relay mode"
+    notify_mode = "relay"
+
+    def setup(self, dsn: str) -> None:
+        engine = create_engine(psycopg_url(dsn))
+        upgrade(engine)
+        engine.dispose()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            set_notify_mode(conn, self.notify_mode)
+        store = Store(dsn)
+        store.register(BenchTicket)
+        store.close()
+
+    def connect(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.store = Store(dsn)
+
+    def close(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+
+    # ---- event store -------------------------------------------------------------
+    def append(
+        self, stream_id: str, events: list[dict[str, Any]], expected_version: int | None
+    ) -> int:
+        batch = [NewEvent(type=e["type"], data=e["data"]) for e in events]
+        expected = ExpectedVersion.ANY if expected_version is None else expected_version
+        try:
+            result = self.store.append(stream_id, batch, expected_version=expected, conn=self.conn)
+        except VersionConflict as conflict:
+            raise Conflict(str(conflict)) from None
+        return result.version
+
+    def current_version(self, stream_id: str) -> int:
+        state = self.store.stream_state(stream_id, conn=self.conn)
+        return state.version if state is not None else 0
+
+    def read_stream(self, stream_id: str) -> list[Event]:
+        return [to_event(e) for e in self.store.read_stream(stream_id, conn=self.conn)]
+
+    def read_all(self, after_position: int, limit: int) -> list[Event]:
+        page = self.store.read_all(after=decode(after_position), limit=limit, conn=self.conn)
+        return [to_event(e) for e in page.events]
+
+    # ---- state machine -----------------------------------------------------------
+    def create_entities(self, ids: list[int], state: str) -> None:
+        assert state == "NEW"
+        for entity_id in ids:
+            self.store.create(f"ticket-{entity_id}", BenchTicket, conn=self.conn)
+
+    def transition(self, entity_id: int, from_state: str, to_state: str) -> bool:
+        return self.transition_and_record(entity_id, from_state, to_state, "", {})
+
+    def transition_and_record(
+        self,
+        entity_id: int,
+        from_state: str,
+        to_state: str,
+        stream_id: str,
+        event: dict[str, Any],
+    ) -> bool:
+        source, target = from_state.lower(), to_state.lower()
+        try:
+            self.store.transition(
+                f"ticket-{entity_id}",
+                EVENT_FOR_EDGE[(source, target)],
+                expected_state=source,
+                data=event.get("data"),
+                record_as=event.get("type"),
+                conn=self.conn,
+            )
+        except (StaleState, TerminalState):
+            # Another agent moved it first (possibly all the way to the final state).
+            return False
+        return True
+
+    def find_in_state(self, state: str, limit: int) -> list[int]:
+        ids = self.store.find_in_state(BenchTicket, state.lower(), limit=limit, conn=self.conn)
+        return [int(stream_id.rsplit("-", 1)[1]) for stream_id in ids]
+
+    def get_states(self, ids: list[int]) -> dict[int, str]:
+        states: dict[int, str] = {}
+        for entity_id in ids:
+            head = self.store.stream_state(f"ticket-{entity_id}", conn=self.conn)
+            if head is not None and head.state is not None:
+                states[entity_id] = head.state.upper()
+        return states
+
+    # ---- subscriptions -------------------------------------------------------------
+    def listen(
+        self,
+        after_position: int,
+        on_events: Callable[[list[Event]], None],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        stop_relay = threading.Event()
+        relay_thread = None
+        if self.notify_mode == "relay":
+            relay = Relay(self.dsn, interval=0.001)
+            relay_thread = threading.Thread(
+                target=relay.run, args=(stop_relay.is_set,), daemon=True
+            )
+            relay_thread.start()
+        listener = Listener(
+            self.dsn,
+            after=decode(after_position),
+            poll_interval=0.05,
+            stall_after=timedelta(minutes=10),
+        )
+        try:
+            for batch in listener.batches(should_stop):
+                on_events([to_event(e) for e in batch])
+        finally:
+            listener.close()
+            stop_relay.set()
+            if relay_thread is not None:
+                relay_thread.join(timeout=5)
+
+
+class PgStateCommitNotify(PgState):
+    name = "pgstate_commit_notify"
+    description = "pgstate with NOTIFY in every writing transaction (notify mode 'commit')"
+    listen_note = "Listener (LISTEN + catch-up below the xid8 watermark), commit mode"
+    notify_mode = "commit"
