@@ -101,6 +101,8 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
                 detail={"field": "events", "size": size, "limit": settings.max_event_bytes},
             )
         coerced.append(event)
+    if len({event.event_id for event in coerced}) != len(coerced):
+        raise InvalidInput("an event id appears twice in the batch", detail={"field": "events"})
     return coerced
 
 

@@ -172,6 +172,24 @@ BEGIN
         PERFORM pgstate.raise_error('SM012', 'event arrays differ in length',
             jsonb_build_object('field', 'events'));
     END IF;
+    -- The Python client checks the events before sending; checked again here for writers
+    -- that call the function directly. Text that starts with '{' and casts to jsonb (in
+    -- the insert below) is a JSON object.
+    IF EXISTS (SELECT 1
+                 FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+                      AS u(event_id, type, data, metadata)
+                WHERE u.event_id IS NULL OR u.type IS NULL OR u.data IS NULL
+                   OR length(u.type) NOT BETWEEN 1 AND 200
+                   OR left(ltrim(u.data, E' \t\n\r'), 1) <> '{'
+                   OR left(ltrim(coalesce(u.metadata, '{}'), E' \t\n\r'), 1) <> '{') THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each event needs an id, a type of 1 to 200 characters and JSON objects as data '
+            'and metadata', jsonb_build_object('field', 'events'));
+    END IF;
+    IF (SELECT count(DISTINCT u.id) FROM unnest(p_event_ids) AS u(id)) <> v_count THEN
+        PERFORM pgstate.raise_error('SM012', 'an event id appears twice in the batch',
+            jsonb_build_object('field', 'events'));
+    END IF;
     IF p_expected IS NULL OR p_expected < -2 THEN
         PERFORM pgstate.raise_error('SM012', 'unknown expected version',
             jsonb_build_object('field', 'expected_version', 'value', p_expected));
