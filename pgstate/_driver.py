@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.adapt import AdaptersMap
-from psycopg.pq import Format
+from psycopg.pq import ExecStatus, Format
+from psycopg.pq.abc import PGresult
 from psycopg.types.numeric import Int8BinaryLoader, IntLoader
 
 from pgstate._ops import Op, Row
@@ -24,6 +25,11 @@ def _prepare_adapters(adapters: AdaptersMap) -> None:
     if adapters.get_loader(_XID8_OID, Format.BINARY) is None:
         adapters.register_loader(_XID8_OID, Int8BinaryLoader)
         adapters.register_loader(_XID8_OID, IntLoader)
+
+
+def _has_rows(result: PGresult | None) -> bool:
+    # Cheaper than cursor.description, which builds a column object per column.
+    return result is not None and result.status == ExecStatus.TUPLES_OK
 
 
 def run(conn: psycopg.Connection[Any], op: Op, *, atomic: bool = False) -> Any:
@@ -45,7 +51,7 @@ def _drive(conn: psycopg.Connection[Any], op: Op) -> Any:
         statement = next(op)
         while True:
             cursor.execute(statement.sql, statement.params)
-            rows: list[Row] = cursor.fetchall() if cursor.description is not None else []
+            rows: list[Row] = cursor.fetchall() if _has_rows(cursor.pgresult) else []
             statement = op.send(rows)
     except StopIteration as stop:
         return stop.value
@@ -71,7 +77,7 @@ async def _adrive(conn: psycopg.AsyncConnection[Any], op: Op) -> Any:
         statement = next(op)
         while True:
             await cursor.execute(statement.sql, statement.params)
-            rows: list[Row] = await cursor.fetchall() if cursor.description is not None else []
+            rows: list[Row] = await cursor.fetchall() if _has_rows(cursor.pgresult) else []
             statement = op.send(rows)
     except StopIteration as stop:
         return stop.value

@@ -8,6 +8,7 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
+from pgstate._json import loads
 from pgstate._sql import query
 from pgstate.config import Settings
 from pgstate.errors import InvalidInput
@@ -142,7 +143,7 @@ def append_statement(
     actor: str | None,
     traceparent: str | None,
 ) -> Statement:
-    # Optional columns go as empty arrays when unused: unnest pads them with NULLs.
+    # Unused optional columns go as NULL (cheapest to send); unnest pads them with NULLs.
     metadata = [e.metadata_json for e in events]
     return Statement(
         query("append"),
@@ -153,14 +154,14 @@ def append_statement(
             "event_ids": [e.event_id for e in events],
             "types": [e.type for e in events],
             "data": [e.data_json for e in events],
-            "metadata": [] if all(m == "{}" for m in metadata) else metadata,
-            "schema_versions": []
+            "metadata": None if all(m == "{}" for m in metadata) else metadata,
+            "schema_versions": None
             if all(e.schema_version == 1 for e in events)
             else [e.schema_version for e in events],
-            "causation_ids": []
+            "causation_ids": None
             if all(e.causation_id is None for e in events)
             else [e.causation_id for e in events],
-            "correlation_ids": []
+            "correlation_ids": None
             if all(e.correlation_id is None for e in events)
             else [e.correlation_id for e in events],
             "actor": actor,
@@ -256,8 +257,42 @@ def append_many(
 
 
 def record(row: Row) -> RecordedEvent:
-    tx, pos, *rest = row
-    return RecordedEvent(Position(int(tx), pos), *rest)
+    """A RecordedEvent from a row of the read statements (JSON columns come as text)."""
+    (
+        tx,
+        pos,
+        tenant,
+        stream_id,
+        version,
+        event_type,
+        data,
+        metadata,
+        event_id,
+        schema_version,
+        causation_id,
+        correlation_id,
+        actor,
+        traceparent,
+        machine_version,
+        recorded_at,
+    ) = row
+    return RecordedEvent(
+        Position(int(tx), pos),
+        tenant,
+        stream_id,
+        version,
+        event_type,
+        loads(data),
+        {} if metadata is None else loads(metadata),
+        event_id,
+        schema_version,
+        causation_id,
+        correlation_id,
+        None if actor is None else loads(actor),
+        traceparent,
+        machine_version,
+        recorded_at,
+    )
 
 
 def read_stream(

@@ -10,7 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -83,10 +83,10 @@ class NewEvent(BaseModel):
         return self._metadata_json
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Position:
+class Position(NamedTuple):
     """A place in the global log: the writing transaction's id and the row's sequence number.
-    Commit order is ``(tx, pos)`` order below the watermark."""
+    Commit order is ``(tx, pos)`` order below the watermark. A named tuple, because the
+    read path builds one per event."""
 
     tx: int
     pos: int
@@ -105,9 +105,9 @@ class Position:
 START = Position(0, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
-    """An event as stored."""
+class RecordedEvent(NamedTuple):
+    """An event as stored. A named tuple: the read path builds one per row, and a tuple is
+    several times cheaper to build than a frozen dataclass."""
 
     position: Position
     tenant: str

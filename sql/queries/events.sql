@@ -12,16 +12,18 @@ SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
 SELECT pgstate.check_version_v1(%(tenant)s, %(stream_id)s, %(expected)s)
 
 -- name: read_stream_forward
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s AND version >= %(from_version)s
  ORDER BY version
  LIMIT %(limit)s
 
 -- name: read_stream_backward
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s AND version <= %(from_version)s
  ORDER BY version DESC
@@ -30,8 +32,9 @@ SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, sche
 -- Tailing in commit order: only transactions below the snapshot's xmin are certainly
 -- finished, so nothing can later appear below the cursor. One statement, one snapshot.
 -- name: read_all
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
    AND tx < pg_snapshot_xmin(pg_current_snapshot())
@@ -40,8 +43,9 @@ SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, sche
  LIMIT %(limit)s
 
 -- name: read_all_types
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
    AND tx < pg_snapshot_xmin(pg_current_snapshot())
@@ -51,8 +55,9 @@ SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, sche
  LIMIT %(limit)s
 
 -- name: read_category
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tenant = %(tenant)s AND category = %(category)s
    AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
@@ -61,8 +66,9 @@ SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, sche
  LIMIT %(limit)s
 
 -- name: read_category_types
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tenant = %(tenant)s AND category = %(category)s
    AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)

@@ -39,8 +39,9 @@ SELECT pid, state, xact_start, clock_timestamp() - xact_start, left(query, 200)
 
 -- All tenants, one consumer-group member's share of the streams, in commit order.
 -- name: read_member
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
    AND tx < pg_snapshot_xmin(pg_current_snapshot())
@@ -49,15 +50,17 @@ SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, sche
  LIMIT %(limit)s
 
 -- name: read_range
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tx = %(tx)s::xid8 AND pos BETWEEN %(first)s AND %(last)s
  ORDER BY pos
 
 -- name: read_one
-SELECT tx, pos, tenant, stream_id, version, type, data, metadata, event_id, schema_version,
-       causation_id, correlation_id, actor, traceparent, machine_version, recorded_at
+SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
+       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
+       machine_version, recorded_at
   FROM pgstate.events
  WHERE tx = %(tx)s::xid8 AND pos = %(pos)s
 
