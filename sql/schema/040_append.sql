@@ -58,7 +58,10 @@ DECLARE
     v_count   integer := coalesce(cardinality(p_event_ids), 0);
     v_current bigint;
 BEGIN
-    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100
+       OR p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
+        PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);  -- raises the precise error
+    END IF;
     IF v_count = 0 OR v_count > 10000 THEN
         PERFORM pgstate.raise_error('SM012', 'a batch holds 1 to 10000 events',
             jsonb_build_object('field', 'events', 'count', v_count));
@@ -104,7 +107,8 @@ BEGIN
             jsonb_build_object('field', 'expected_version', 'value', p_expected));
     END IF;
 
-    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    -- The stream lock (as pgstate.lock_stream), inline on this hot path.
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
     SELECT s.version INTO v_current
       FROM pgstate.streams s
      WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;

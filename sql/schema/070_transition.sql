@@ -22,23 +22,20 @@ AS $$
 DECLARE
     v_started        timestamptz := clock_timestamp();
     v_now            timestamptz;
-    v_head           pgstate.streams%ROWTYPE;
+    v_head           record;
     v_hash           text;
     v_stored_hash    text;
     v_stored         jsonb;
-    v_final          boolean;
-    v_on_timeout     text;
-    v_requires_lease boolean;
-    v_guard          jsonb;
-    v_target_timeout interval;
-    v_edge_found     boolean;
     v_is_timeout     boolean;
     v_lease_live     boolean;
     v_guard_error    text;
     v_owner          text;
     v_expires        timestamptz;
 BEGIN
-    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100
+       OR p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
+        PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);  -- raises the precise error
+    END IF;
     IF p_event IS NULL OR length(p_event) NOT BETWEEN 1 AND 100 THEN
         PERFORM pgstate.raise_error('SM012', 'event must be 1 to 100 characters',
             jsonb_build_object('field', 'event'));
@@ -60,7 +57,7 @@ BEGIN
             jsonb_build_object('field', 'data'));
     END IF;
 
-    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
     v_now := clock_timestamp();
     o_lock_wait_us := (extract(epoch FROM v_now - v_started) * 1000000)::bigint;
 
@@ -94,27 +91,30 @@ BEGIN
         END IF;
 
         -- 2. The instance and its current state's rules.
-        SELECT * INTO v_head FROM pgstate.streams s
-         WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-        IF NOT FOUND OR v_head.machine IS NULL THEN
-            o_code := 'SM001';
-            o_message := format('no state-machine instance %s', p_stream_id);
-            EXIT checks;
-        END IF;
-        SELECT st.final, st.on_timeout, e.requires_lease, e.guard, target.timeout,
-               e.to_state, e.event IS NOT NULL
-          INTO v_final, v_on_timeout, v_requires_lease, v_guard, v_target_timeout,
-               o_to_state, v_edge_found
-          FROM pgstate.machine_states st
+        -- One statement for the head row and the rules of its current state and event.
+        SELECT s.state, s.version, s.category, s.machine, s.machine_version, s.lease_owner,
+               s.lease_epoch, s.lease_expires_at, s.deadline_at, st.final, st.on_timeout,
+               e.requires_lease, e.guard, target.timeout AS target_timeout, e.to_state,
+               e.event IS NOT NULL AS edge_found
+          INTO v_head
+          FROM pgstate.streams s
+          LEFT JOIN pgstate.machine_states st
+                 ON st.name = s.machine AND st.version = s.machine_version
+                AND st.state = s.state
           LEFT JOIN pgstate.machine_edges e
                  ON e.name = st.name AND e.version = st.version
                 AND e.from_state = st.state AND e.event = p_event
           LEFT JOIN pgstate.machine_states target
                  ON target.name = e.name AND target.version = e.version
                 AND target.state = e.to_state
-         WHERE st.name = v_head.machine AND st.version = v_head.machine_version
-           AND st.state = v_head.state;
-        IF v_final THEN
+         WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+        IF NOT FOUND OR v_head.machine IS NULL THEN
+            o_code := 'SM001';
+            o_message := format('no state-machine instance %s', p_stream_id);
+            EXIT checks;
+        END IF;
+        o_to_state := v_head.to_state;
+        IF v_head.final THEN
             o_code := 'SM008';
             o_message := format('%s is in final state %s', p_stream_id, v_head.state);
             EXIT checks;
@@ -122,7 +122,7 @@ BEGIN
 
         -- 3. Deadline, on the clock (not the transaction start): no sweeper needs to have run.
         v_is_timeout := v_head.deadline_at IS NOT NULL AND v_head.deadline_at <= v_now
-                        AND v_on_timeout = p_event;
+                        AND v_head.on_timeout = p_event;
         IF v_head.deadline_at <= v_now AND NOT v_is_timeout THEN
             o_code := 'SM007';
             o_message := format('the deadline of state %s passed at %s', v_head.state,
@@ -144,7 +144,7 @@ BEGIN
                 o_code := 'SM010';
                 o_message := format('%s holds the lease on %s', v_head.lease_owner, p_stream_id);
                 EXIT checks;
-            ELSIF coalesce(v_requires_lease, false) THEN
+            ELSIF coalesce(v_head.requires_lease, false) THEN
                 o_code := 'SM005';
                 o_message := format('event %s requires a lease', p_event);
                 EXIT checks;
@@ -166,13 +166,14 @@ BEGIN
         END IF;
 
         -- 6. The edge and its guard.
-        IF NOT v_edge_found THEN
+        IF NOT v_head.edge_found THEN
             o_code := 'SM002';
             o_message := format('no transition %s from state %s', p_event, v_head.state);
             EXIT checks;
         END IF;
-        IF v_guard IS NOT NULL THEN
-            v_guard_error := pgstate.guard_failure(v_guard, coalesce(p_data, '{}'::jsonb), p_actor);
+        IF v_head.guard IS NOT NULL THEN
+            v_guard_error := pgstate.guard_failure(v_head.guard, coalesce(p_data, '{}'::jsonb),
+                                                   p_actor);
             IF v_guard_error IS NOT NULL THEN
                 o_code := 'SM011';
                 o_message := v_guard_error;
@@ -193,12 +194,13 @@ BEGIN
                                         reason, idempotency_key, traceparent)
         VALUES (p_tenant, p_stream_id, p_event, o_code, o_message, o_detail, p_actor, p_reason,
                 p_idempotency_key, p_traceparent);
+        -- The detail holds the head row whether or not the checks got as far as reading it.
         o_outcome := 'rejected';
-        o_from_state := v_head.state;
+        o_from_state := o_detail ->> 'state';
         o_to_state := NULL;
-        o_version := v_head.version;
-        o_lease_epoch := v_head.lease_epoch;
-        o_deadline_at := v_head.deadline_at;
+        o_version := (o_detail ->> 'version')::bigint;
+        o_lease_epoch := (o_detail ->> 'lease_epoch')::bigint;
+        o_deadline_at := (o_detail ->> 'deadline_at')::timestamptz;
         RETURN;
     END IF;
 
@@ -218,7 +220,7 @@ BEGIN
         v_owner := NULL;
         v_expires := NULL;
     END IF;
-    o_deadline_at := v_now + v_target_timeout;
+    o_deadline_at := v_now + v_head.target_timeout;
 
     INSERT INTO pgstate.events (tenant, stream_id, version, category, type, data, metadata,
                                 event_id, causation_id, correlation_id, actor, traceparent,
