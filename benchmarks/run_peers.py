@@ -1,0 +1,111 @@
+"""Run the shared peer harness with pgstate beside its peers and print the ratio table.
+
+    python benchmarks/run_peers.py                       # small scale, PostgreSQL 18
+    python benchmarks/run_peers.py --scale full --pg embedded,system --repeat 3
+    python benchmarks/run_peers.py --workloads catchup_lag --set catchup_n=6000 \
+        --set catchup_rate=3000
+
+Environment: BENCH_DIR (default ../shared/bench), BENCH_PYTHON (default
+$BENCH_DIR/.venv/bin/python; its venv needs the harness requirements and this project
+installed: pip install -r $BENCH_DIR/requirements.txt && pip install -e .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parent.parent
+DRIVERS = (
+    "raw,raw_notify,pgstate,pgstate_commit_notify,eventsourcing,redis_lua,redis_lua_aof_always"
+)
+WORKLOADS = "append_distinct,append_contended,ticket_race,read_back,catchup_lag"
+# The figure each workload is compared on, as the harness's JSON names it.
+HEADLINE = {
+    "append_distinct": "events_per_s",
+    "append_contended": "committed_per_s",
+    "ticket_race": "transitions_per_s",
+    "read_back": "read_all_events_per_s",
+}
+BASELINES = ("raw", "eventsourcing", "redis_lua_aof_always")
+
+
+def ratio_table(results: dict[str, Any]) -> str:
+    """pgstate's headline figures (medians over repetitions) divided by each baseline's,
+    per PostgreSQL flavour and workload."""
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for cell in results.get("results", []):
+        metric = HEADLINE.get(cell.get("workload", ""))
+        if metric is None:
+            continue
+        value = cell.get("metrics", {}).get(metric)
+        if value is not None:
+            values[(cell.get("pg_label", ""), cell["workload"], cell["driver"])].append(value)
+    lines = [
+        "| PostgreSQL | workload | pgstate | " + " | ".join(f"vs {b}" for b in BASELINES) + " |",
+        "|---|---|---|" + "---|" * len(BASELINES),
+    ]
+    for (label, workload, driver), ours in sorted(values.items()):
+        if driver != "pgstate":
+            continue
+        mine = statistics.median(ours)
+        row = [label, workload, f"{mine:,.0f}"]
+        for baseline in BASELINES:
+            theirs = values.get((label, workload, baseline))
+            row.append(f"{mine / statistics.median(theirs):.2f}x" if theirs else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--drivers", default=DRIVERS)
+    parser.add_argument("--workloads", default=WORKLOADS)
+    parser.add_argument("--scale", default="small")
+    parser.add_argument("--pg", default="embedded")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--json", default=str(PROJECT / "benchmarks" / "results" / "peers.json"))
+    args = parser.parse_args(argv)
+    bench_dir = Path(os.environ.get("BENCH_DIR", PROJECT.parent / "shared" / "bench"))
+    python = os.environ.get("BENCH_PYTHON", str(bench_dir / ".venv" / "bin" / "python"))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        python,
+        str(bench_dir / "run.py"),
+        "--driver-file",
+        str(PROJECT / "benchmarks" / "peer_driver.py"),
+        "--drivers",
+        args.drivers,
+        "--workloads",
+        args.workloads,
+        "--scale",
+        args.scale,
+        "--pg",
+        args.pg,
+        "--repeat",
+        str(args.repeat),
+        "--json",
+        args.json,
+    ]
+    for override in args.overrides:
+        command += ["--set", override]
+    print(" ".join(command), flush=True)
+    status = subprocess.call(command, cwd=PROJECT)
+    try:
+        with open(args.json, encoding="utf-8") as results:
+            print("\n" + ratio_table(json.load(results)))
+    except (OSError, ValueError) as exc:
+        print(f"no ratio table: {exc}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
