@@ -41,6 +41,8 @@ class TransitionSpan:
         span = self._span
         if span is not None:
             outcome = getattr(result, "outcome", None)
+            if outcome is None:
+                outcome = "duplicate" if getattr(result, "duplicate", False) else "applied"
             span.set_attribute("pgstate.outcome", str(outcome))
             for attribute in ("from_state", "to_state", "version", "lock_wait_us"):
                 value = getattr(result, attribute, None)
@@ -53,15 +55,34 @@ class TransitionSpan:
         return result
 
 
+def transition_span(
+    stream_id: str, event: str
+) -> contextlib.AbstractContextManager[TransitionSpan]:
+    return operation_span(
+        "pgstate.transition", {"pgstate.stream_id": stream_id, "pgstate.event": event}
+    )
+
+
+def append_span(
+    stream_id: str, events: object
+) -> contextlib.AbstractContextManager[TransitionSpan]:
+    # events is not validated yet: the append itself rejects what is not a list.
+    count = len(events) if isinstance(events, list | tuple) else 0
+    return operation_span(
+        "pgstate.append", {"pgstate.stream_id": str(stream_id), "pgstate.events": count}
+    )
+
+
 @contextlib.contextmanager
-def transition_span(stream_id: str, event: str) -> Iterator[TransitionSpan]:
+def operation_span(name: str, attributes: dict[str, Any]) -> Iterator[TransitionSpan]:
+    """A span around one write; ``record`` adds the outcome, errors add their SQLSTATE."""
     if trace is None:
         yield TransitionSpan(None)
         return
     tracer = trace.get_tracer(_TRACER_NAME)
     with tracer.start_as_current_span(
-        "pgstate.transition",
-        attributes={"pgstate.stream_id": stream_id, "pgstate.event": event},
+        name,
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:

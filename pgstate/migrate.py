@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
@@ -17,6 +17,10 @@ from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate._resources import alembic_dir, migration_files, migration_sql, schema_files
 from pgstate._sql import query
 from pgstate.config import Settings
+
+if TYPE_CHECKING:
+    from pgstate.machine import Machine
+    from pgstate.models import MachineRegistration
 
 VERSION_TABLE = "alembic_version"
 VERSION_SCHEMA = "pgstate"
@@ -137,3 +141,18 @@ def _run_migrations(context: EnvironmentContext, connection: Connection) -> None
         connection.exec_driver_sql(query("migration_lock"))
         connection.exec_driver_sql(query("create_schema"))
         context.run_migrations()
+
+
+def register_machine(connection: Connection, machine: type[Machine]) -> MachineRegistration:
+    """Register a machine definition inside a migration's transaction, so a deploy's
+    schema and machine versions land together::
+
+        def upgrade() -> None:
+            register_machine(op.get_bind(), Ticket)
+    """
+    from pgstate import _machine_ops
+    from pgstate._connect import raw_sync
+    from pgstate._driver import run
+
+    registration: MachineRegistration = run(raw_sync(connection), _machine_ops.register(machine))
+    return registration

@@ -26,7 +26,7 @@ from pgstate._connect import (
 )
 from pgstate._driver import arun, run
 from pgstate._ops import Op, check_identifier
-from pgstate._telemetry import current_traceparent, transition_span
+from pgstate._telemetry import append_span, current_traceparent, transition_span
 from pgstate.config import Settings
 from pgstate.fold import Fold, FoldedState, load_state
 from pgstate.models import (
@@ -147,11 +147,18 @@ class Store(_StoreBase):
         conn: SyncConn | None = None,
     ) -> AppendResult:
         """Append events to one stream if it is at ``expected_version``."""
-        op = _ops.append(
-            self.settings, self.tenant, stream_id, events, expected_version, actor, traceparent
-        )
-        result: AppendResult = self._call(op, conn, writes=True)
-        return result
+        with append_span(stream_id, events) as span:
+            op = _ops.append(
+                self.settings,
+                self.tenant,
+                stream_id,
+                events,
+                expected_version,
+                actor,
+                traceparent or span.traceparent,
+            )
+            result: AppendResult = span.record(self._call(op, conn, writes=True))
+            return result
 
     def append_many(
         self,
@@ -504,11 +511,18 @@ class AsyncStore(_StoreBase):
         traceparent: str | None = None,
         conn: AsyncConn | None = None,
     ) -> AppendResult:
-        op = _ops.append(
-            self.settings, self.tenant, stream_id, events, expected_version, actor, traceparent
-        )
-        result: AppendResult = await self._call(op, conn, writes=True)
-        return result
+        with append_span(stream_id, events) as span:
+            op = _ops.append(
+                self.settings,
+                self.tenant,
+                stream_id,
+                events,
+                expected_version,
+                actor,
+                traceparent or span.traceparent,
+            )
+            result: AppendResult = span.record(await self._call(op, conn, writes=True))
+            return result
 
     async def append_many(
         self,

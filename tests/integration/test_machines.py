@@ -483,3 +483,19 @@ def test_record_as_names_the_stored_event(store: Store) -> None:
     )
     with pytest.raises(InvalidInput):
         store.transition(stream, "pause", lease_epoch=lease.epoch, record_as="")
+
+
+def test_register_from_a_migration_connection(store: Store) -> None:
+    from pgstate.migrate import register_machine
+
+    class Shipment(Machine):
+        packed = State(initial=True)
+        shipped = State(final=True)
+        ship = packed.to(shipped)
+
+    with store.engine.begin() as conn:
+        first = register_machine(conn, Shipment)
+    with store.engine.begin() as conn:
+        again = register_machine(conn, Shipment)
+    assert first.created and not again.created and first.version == again.version == 1
+    assert store.create(new_id(), Shipment).state == "packed"

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pgstate import IllegalTransition, Store
+from pgstate import IllegalTransition, NewEvent, Store
 from pgstate.triage import Ticket
 
 EXPORTER = InMemorySpanExporter()
@@ -67,3 +67,20 @@ def test_rejected_transition_span(store: Store, exporter: InMemorySpanExporter) 
     assert attributes["pgstate.sqlstate"] == "SM002"
     assert attributes["pgstate.current_state"] == "new"
     assert span.status.status_code == trace.StatusCode.ERROR
+
+
+def test_append_span_and_traceparent(store: Store, exporter: InMemorySpanExporter) -> None:
+    tracer = trace.get_tracer("test")
+    stream = f"note-{uuid.uuid4().hex[:8]}"
+    with tracer.start_as_current_span("agent step"):
+        store.append(stream, [NewEvent(type="Noted"), NewEvent(type="Noted")])
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "pgstate.append"]
+    attributes = dict(span.attributes or {})
+    assert attributes["pgstate.events"] == 2
+    assert attributes["pgstate.outcome"] == "applied"
+    assert attributes["pgstate.version"] == 2
+    context = span.get_span_context()
+    assert context is not None
+    flags = int(context.trace_flags)
+    expected = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
+    assert {e.traceparent for e in store.read_stream(stream)} == {expected}
