@@ -157,6 +157,7 @@ AS $$
 DECLARE
     v_count   integer := coalesce(cardinality(p_event_ids), 0);
     v_current bigint;
+    v_machine text;
 BEGIN
     IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100
        OR p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
@@ -209,9 +210,17 @@ BEGIN
 
     -- The stream lock (as pgstate.lock_stream), inline on this hot path.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
-    SELECT s.version INTO v_current
+    SELECT s.version, s.machine INTO v_current, v_machine
       FROM pgstate.streams s
      WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+    -- A machine instance changes only through its transitions: a plain append would move
+    -- its version without its state, behind the machine's back.
+    IF v_machine IS NOT NULL THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('stream %s is an instance of machine %s: change it with a transition',
+                   p_stream_id, v_machine),
+            pgstate.head_json(p_tenant, p_stream_id) || jsonb_build_object('field', 'stream_id'));
+    END IF;
 
     -- The version is checked before the insert takes any sequence value, so conflicts
     -- burn no positions. A mismatch may be a retry of an append that already landed.

@@ -499,3 +499,15 @@ def test_register_from_a_migration_connection(store: Store) -> None:
         again = register_machine(conn, Shipment)
     assert first.created and not again.created and first.version == again.version == 1
     assert store.create(new_id(), Shipment).state == "packed"
+
+
+def test_plain_append_to_an_instance_is_refused(store: Store) -> None:
+    from pgstate import NewEvent
+
+    stream = new_id()
+    store.create(stream, Job)
+    with pytest.raises(InvalidInput) as caught:
+        store.append(stream, [NewEvent(type="Sneaky")], expected_version=1)
+    assert "transition" in str(caught.value)
+    assert caught.value.current_state == "queued"
+    assert [e.type for e in store.read_stream(stream)] == ["$created"]
