@@ -262,7 +262,7 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
 AS $$
 DECLARE
-    v_started        timestamptz := clock_timestamp();
+    v_started        timestamptz;
     v_now            timestamptz;
     v_head           record;
     v_hash           text;
@@ -299,6 +299,7 @@ BEGIN
             jsonb_build_object('field', 'data'));
     END IF;
 
+    v_started := clock_timestamp();
     PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
     v_now := clock_timestamp();
     o_lock_wait_us := (extract(epoch FROM v_now - v_started) * 1000000)::bigint;
