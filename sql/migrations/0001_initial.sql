@@ -117,6 +117,12 @@ DECLARE
     v_found   integer;
     v_matches integer;
 BEGIN
+    -- A retry repeats the whole batch, so its first id decides; one index probe instead of
+    -- one per event on every append that is not a retry.
+    IF NOT EXISTS (SELECT 1 FROM pgstate.events e WHERE e.event_id = p_event_ids[1]) THEN
+        duplicate := NULL;  -- not a retry
+        RETURN;
+    END IF;
     SELECT count(*),
            count(*) FILTER (WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id
                               AND e.type = u.type AND e.data = u.data::jsonb),
