@@ -13,6 +13,7 @@ from pgstate._sql import query
 from pgstate.config import Settings
 from pgstate.errors import InvalidInput
 from pgstate.models import (
+    NO_METADATA,
     AppendResult,
     ExpectedVersion,
     NewEvent,
@@ -283,7 +284,7 @@ def record(row: Row) -> RecordedEvent:
         version,
         event_type,
         loads(data),
-        {} if metadata is None else loads(metadata),
+        NO_METADATA if metadata is None else loads(metadata),
         event_id,
         schema_version,
         causation_id,

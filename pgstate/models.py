@@ -8,8 +8,10 @@ import enum
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -105,6 +107,10 @@ class Position(NamedTuple):
 START = Position(0, 0)
 
 
+# Shared by every event without metadata: read-only, and one object instead of one per row.
+NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
 class RecordedEvent(NamedTuple):
     """An event as stored. A named tuple: the read path builds one per row, and a tuple is
     several times cheaper to build than a frozen dataclass."""
@@ -115,7 +121,7 @@ class RecordedEvent(NamedTuple):
     version: int
     type: str
     data: dict[str, Any]
-    metadata: dict[str, Any]
+    metadata: Mapping[str, Any]
     event_id: uuid.UUID
     schema_version: int
     causation_id: uuid.UUID | None
