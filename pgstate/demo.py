@@ -234,9 +234,17 @@ def _print_progress(out: TextIO) -> Callable[[dict[str, int], float], None]:
         "resolved",
     ]
 
+    interactive = out.isatty()
+    last_line = [-1.0]
+
     def show(counts: dict[str, int], elapsed: float) -> None:
         line = "  ".join(f"{state} {counts.get(state, 0):>4}" for state in order)
-        out.write(f"\r[{elapsed:6.1f}s] {line}")
+        if interactive:
+            out.write(f"\r[{elapsed:6.1f}s] {line}")
+        elif elapsed - last_line[0] >= 1.0:
+            # Piped output gets one line a second instead of carriage returns.
+            last_line[0] = elapsed
+            out.write(f"[{elapsed:6.1f}s] {line}\n")
         out.flush()
 
     return show
