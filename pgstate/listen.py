@@ -188,13 +188,15 @@ class Relay:
 
     def step(self, conn: psycopg.Connection[Any]) -> bool:
         """Notify if the head moved since the last notification; True if it did."""
-        row = conn.execute(query("head_position")).fetchone()
+        last = self.notified or Position(0, 0)
+        row = conn.execute(
+            query("notify_if_moved"), {"tx": str(last.tx), "pos": last.pos}
+        ).fetchone()
         if row is None:
             return False
         head = Position(int(row[0]), row[1])
         if head == self.notified:
             return False
-        conn.execute(query("notify"), {"payload": str(head)})
         self.notified = head
         return True
 

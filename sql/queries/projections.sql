@@ -123,3 +123,14 @@ ALTER TABLE {table} RENAME TO {new_name}
 
 -- name: estimated_events
 SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'pgstate.events'::regclass
+
+-- The relay's step in one round trip: the head, and a notification if it moved.
+-- name: notify_if_moved
+SELECT head.tx, head.pos,
+       CASE WHEN (head.tx, head.pos) <> (%(tx)s::xid8, %(pos)s::bigint)
+            THEN pg_notify('pgstate_events', head.tx::text || ':' || head.pos::text) END
+  FROM (SELECT tx, pos
+          FROM pgstate.events
+         WHERE tx < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY tx DESC, pos DESC
+         LIMIT 1) head

@@ -105,6 +105,10 @@ def test_listener_delivers_every_event_once(fresh_db: str, mode: str) -> None:
     listener.close()
     assert len(acknowledged) == WRITERS * PER_WRITER
     check_delivery(acknowledged, delivered)
+    if relay_thread is not None:
+        # The relay signalled (it saw the head move), never past what was delivered.
+        assert relay.notified is not None
+        assert relay.notified <= delivered[-1].position
 
 
 def test_listener_recovers_from_killed_connection(fresh_db: str) -> None:
