@@ -215,7 +215,7 @@ def translate(error: BaseException) -> PgStateError:
             return backstop(message, sqlstate=sqlstate, detail={"constraint": diag.constraint_name})
         transient = _TRANSIENT.get(sqlstate or "")
         if transient is not None:
-            return transient(message, sqlstate=sqlstate)
+            return transient(message, sqlstate=sqlstate, detail=_parse_detail(diag.message_detail))
         if isinstance(error, psycopg.OperationalError) and (
             sqlstate is None or sqlstate.startswith("08") or sqlstate.startswith("57P")
         ):

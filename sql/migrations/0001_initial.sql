@@ -15,6 +15,9 @@ CREATE TABLE pgstate.streams (
     lease_expires_at  timestamptz,
     deadline_at       timestamptz,
     archived          boolean     NOT NULL DEFAULT false,
+    -- The transaction that wrote the stream last. A writer whose transaction id is older
+    -- would sort its events before the ones already stored, so it is refused (40001).
+    last_tx           xid8        NOT NULL DEFAULT pg_current_xact_id(),
     created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (tenant, stream_id)
@@ -98,6 +101,21 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- Tailing readers order events by (tx, pos). A transaction whose id was assigned before
+-- the stream's last writer committed (it wrote elsewhere before taking the stream lock)
+-- would place its events before that writer's: refuse it as a serialization failure, which
+-- clients retry in a new transaction (whose id will be newer).
+CREATE FUNCTION pgstate.check_writer_order(p_tenant text, p_stream_id text, p_last_tx xid8)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_last_tx > pg_current_xact_id() THEN
+        RAISE EXCEPTION USING ERRCODE = '40001',
+            MESSAGE = format('stream %s was written by a newer transaction; retry', p_stream_id),
+            DETAIL = pgstate.head_json(p_tenant, p_stream_id)::text;
+    END IF;
+END;
+$$;
 -- Stream lock: transaction-scoped (safe behind transaction-mode poolers) and keyed by a
 -- 64-bit hash, since a 32-bit key collides between unrelated streams far too often.
 CREATE FUNCTION pgstate.lock_stream(p_tenant text, p_stream_id text) RETURNS void
@@ -164,6 +182,7 @@ DECLARE
     v_count   integer := coalesce(cardinality(p_event_ids), 0);
     v_current bigint;
     v_machine text;
+    v_last_tx xid8;
 BEGIN
     IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100
        OR p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
@@ -216,7 +235,7 @@ BEGIN
 
     -- The stream lock (as pgstate.lock_stream), inline on this hot path.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
-    SELECT s.version, s.machine INTO v_current, v_machine
+    SELECT s.version, s.machine, s.last_tx INTO v_current, v_machine, v_last_tx
       FROM pgstate.streams s
      WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
     -- A machine instance changes only through its transitions: a plain append would move
@@ -251,6 +270,9 @@ BEGIN
         END IF;
     END IF;
 
+    IF v_last_tx > pg_current_xact_id() THEN
+        PERFORM pgstate.check_writer_order(p_tenant, p_stream_id, v_last_tx);
+    END IF;
     v_current := coalesce(v_current, 0);
     IF v_count = 1 THEN
         INSERT INTO pgstate.events (tenant, stream_id, version, category, type,
@@ -285,7 +307,8 @@ BEGIN
         VALUES (p_tenant, p_stream_id, split_part(p_stream_id, '-', 1), v_count);
     ELSE
         UPDATE pgstate.streams
-           SET version = v_current + v_count, updated_at = clock_timestamp()
+           SET version = v_current + v_count, updated_at = clock_timestamp(),
+               last_tx = pg_current_xact_id()
          WHERE tenant = p_tenant AND stream_id = p_stream_id;
     END IF;
 

@@ -336,7 +336,8 @@ BEGIN
         -- 2. The instance and its current state's rules.
         -- One statement for the head row and the rules of its current state and event.
         SELECT s.state, s.version, s.category, s.machine, s.machine_version, s.lease_owner,
-               s.lease_epoch, s.lease_expires_at, s.deadline_at, st.final, st.on_timeout,
+               s.lease_epoch, s.lease_expires_at, s.deadline_at, s.last_tx, st.final,
+               st.on_timeout,
                e.requires_lease, e.guard, target.timeout AS target_timeout, e.to_state,
                e.event IS NOT NULL AS edge_found
           INTO v_head
@@ -448,6 +449,9 @@ BEGIN
     END IF;
 
     -- 7. Apply: the event, the head row and the idempotency row, all in this transaction.
+    IF v_head.last_tx > pg_current_xact_id() THEN
+        PERFORM pgstate.check_writer_order(p_tenant, p_stream_id, v_head.last_tx);
+    END IF;
     o_outcome := 'applied';
     o_from_state := v_head.state;
     o_version := v_head.version + 1;
@@ -482,7 +486,7 @@ BEGIN
     UPDATE pgstate.streams
        SET state = o_to_state, version = o_version, deadline_at = o_deadline_at,
            lease_epoch = o_lease_epoch, lease_owner = v_owner, lease_expires_at = v_expires,
-           updated_at = v_now
+           updated_at = v_now, last_tx = pg_current_xact_id()
      WHERE tenant = p_tenant AND stream_id = p_stream_id;
 
     IF p_idempotency_key IS NOT NULL THEN
@@ -733,6 +737,7 @@ BEGIN
         SELECT * INTO v_head FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = v_stream;
         CONTINUE WHEN v_head.machine_version <> p_from_version;
+        PERFORM pgstate.check_writer_order(p_tenant, v_stream, v_head.last_tx);
         v_to_state := v_map ->> v_head.state;
         SELECT st.timeout INTO v_timeout FROM pgstate.machine_states st
          WHERE st.name = p_machine AND st.version = p_to_version AND st.state = v_to_state;
@@ -745,6 +750,7 @@ BEGIN
                 gen_random_uuid(), p_actor, p_to_version);
         UPDATE pgstate.streams
            SET state = v_to_state, machine_version = p_to_version, version = v_head.version + 1,
+               last_tx = pg_current_xact_id(),
                deadline_at = CASE WHEN v_to_state = v_head.state AND v_head.deadline_at IS NOT NULL
                                   THEN v_head.deadline_at
                                   ELSE clock_timestamp() + v_timeout END,

@@ -13,6 +13,9 @@ CREATE TABLE pgstate.streams (
     lease_expires_at  timestamptz,
     deadline_at       timestamptz,
     archived          boolean     NOT NULL DEFAULT false,
+    -- The transaction that wrote the stream last. A writer whose transaction id is older
+    -- would sort its events before the ones already stored, so it is refused (40001).
+    last_tx           xid8        NOT NULL DEFAULT pg_current_xact_id(),
     created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (tenant, stream_id)

@@ -36,3 +36,18 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- Tailing readers order events by (tx, pos). A transaction whose id was assigned before
+-- the stream's last writer committed (it wrote elsewhere before taking the stream lock)
+-- would place its events before that writer's: refuse it as a serialization failure, which
+-- clients retry in a new transaction (whose id will be newer).
+CREATE FUNCTION pgstate.check_writer_order(p_tenant text, p_stream_id text, p_last_tx xid8)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_last_tx > pg_current_xact_id() THEN
+        RAISE EXCEPTION USING ERRCODE = '40001',
+            MESSAGE = format('stream %s was written by a newer transaction; retry', p_stream_id),
+            DETAIL = pgstate.head_json(p_tenant, p_stream_id)::text;
+    END IF;
+END;
+$$;

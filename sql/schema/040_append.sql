@@ -64,6 +64,7 @@ DECLARE
     v_count   integer := coalesce(cardinality(p_event_ids), 0);
     v_current bigint;
     v_machine text;
+    v_last_tx xid8;
 BEGIN
     IF p_tenant IS NULL OR length(p_tenant) NOT BETWEEN 1 AND 100
        OR p_stream_id IS NULL OR length(p_stream_id) NOT BETWEEN 1 AND 200 THEN
@@ -116,7 +117,7 @@ BEGIN
 
     -- The stream lock (as pgstate.lock_stream), inline on this hot path.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
-    SELECT s.version, s.machine INTO v_current, v_machine
+    SELECT s.version, s.machine, s.last_tx INTO v_current, v_machine, v_last_tx
       FROM pgstate.streams s
      WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
     -- A machine instance changes only through its transitions: a plain append would move
@@ -151,6 +152,9 @@ BEGIN
         END IF;
     END IF;
 
+    IF v_last_tx > pg_current_xact_id() THEN
+        PERFORM pgstate.check_writer_order(p_tenant, p_stream_id, v_last_tx);
+    END IF;
     v_current := coalesce(v_current, 0);
     IF v_count = 1 THEN
         INSERT INTO pgstate.events (tenant, stream_id, version, category, type,
@@ -185,7 +189,8 @@ BEGIN
         VALUES (p_tenant, p_stream_id, split_part(p_stream_id, '-', 1), v_count);
     ELSE
         UPDATE pgstate.streams
-           SET version = v_current + v_count, updated_at = clock_timestamp()
+           SET version = v_current + v_count, updated_at = clock_timestamp(),
+               last_tx = pg_current_xact_id()
          WHERE tenant = p_tenant AND stream_id = p_stream_id;
     END IF;
 

@@ -94,7 +94,8 @@ BEGIN
         -- 2. The instance and its current state's rules.
         -- One statement for the head row and the rules of its current state and event.
         SELECT s.state, s.version, s.category, s.machine, s.machine_version, s.lease_owner,
-               s.lease_epoch, s.lease_expires_at, s.deadline_at, st.final, st.on_timeout,
+               s.lease_epoch, s.lease_expires_at, s.deadline_at, s.last_tx, st.final,
+               st.on_timeout,
                e.requires_lease, e.guard, target.timeout AS target_timeout, e.to_state,
                e.event IS NOT NULL AS edge_found
           INTO v_head
@@ -206,6 +207,9 @@ BEGIN
     END IF;
 
     -- 7. Apply: the event, the head row and the idempotency row, all in this transaction.
+    IF v_head.last_tx > pg_current_xact_id() THEN
+        PERFORM pgstate.check_writer_order(p_tenant, p_stream_id, v_head.last_tx);
+    END IF;
     o_outcome := 'applied';
     o_from_state := v_head.state;
     o_version := v_head.version + 1;
@@ -240,7 +244,7 @@ BEGIN
     UPDATE pgstate.streams
        SET state = o_to_state, version = o_version, deadline_at = o_deadline_at,
            lease_epoch = o_lease_epoch, lease_owner = v_owner, lease_expires_at = v_expires,
-           updated_at = v_now
+           updated_at = v_now, last_tx = pg_current_xact_id()
      WHERE tenant = p_tenant AND stream_id = p_stream_id;
 
     IF p_idempotency_key IS NOT NULL THEN

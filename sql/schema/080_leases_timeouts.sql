@@ -237,6 +237,7 @@ BEGIN
         SELECT * INTO v_head FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = v_stream;
         CONTINUE WHEN v_head.machine_version <> p_from_version;
+        PERFORM pgstate.check_writer_order(p_tenant, v_stream, v_head.last_tx);
         v_to_state := v_map ->> v_head.state;
         SELECT st.timeout INTO v_timeout FROM pgstate.machine_states st
          WHERE st.name = p_machine AND st.version = p_to_version AND st.state = v_to_state;
@@ -249,6 +250,7 @@ BEGIN
                 gen_random_uuid(), p_actor, p_to_version);
         UPDATE pgstate.streams
            SET state = v_to_state, machine_version = p_to_version, version = v_head.version + 1,
+               last_tx = pg_current_xact_id(),
                deadline_at = CASE WHEN v_to_state = v_head.state AND v_head.deadline_at IS NOT NULL
                                   THEN v_head.deadline_at
                                   ELSE clock_timestamp() + v_timeout END,
