@@ -30,6 +30,7 @@ from pgstate import (
     Page,
     Position,
     RecordedEvent,
+    SerializationFailure,
     Store,
     StreamAppend,
 )
@@ -165,38 +166,79 @@ def test_older_transaction_holds_back_younger_commits(fresh_db: str) -> None:
     store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="package bug: a transaction that holds a transaction id before it takes a "
-    "stream's lock (append_many, or appends in the caller's transaction) writes the "
-    "stream's next version with a lower tx than a younger transaction that wrote the "
-    "previous version, so read_all delivers that stream's versions out of order",
+def append_many_in_own_transaction(store: Store, dsn: str) -> list[AppendResult]:
+    return store.append_many(
+        [StreamAppend("a-1", event("A")), StreamAppend("b-1", event("Second"))]
+    )
+
+
+def appends_in_caller_transaction(store: Store, dsn: str) -> list[AppendResult]:
+    with psycopg.connect(dsn) as x:
+        try:
+            results = [
+                store.append("a-1", event("A"), conn=x),
+                store.append("b-1", event("Second"), conn=x),
+            ]
+        except BaseException:
+            x.rollback()
+            raise
+        x.commit()
+        return results
+
+
+@pytest.mark.parametrize(
+    ("write", "must_refuse"),
+    [(append_many_in_own_transaction, False), (appends_in_caller_transaction, True)],
+    ids=["append_many", "caller_transaction"],
 )
-def test_multi_stream_append_keeps_per_stream_order_in_read_all(fresh_db: str) -> None:
+def test_multi_stream_writer_keeps_per_stream_order(
+    fresh_db: str,
+    write: Callable[[Store, str], list[AppendResult]],
+    must_refuse: bool,
+) -> None:
+    """X writes a-1 and b-1 in one transaction and has to wait for b-1's lock while a
+    younger transaction Y writes b-1's version 1 and commits. Had X taken its transaction
+    id before Y (by writing a-1 first) and then written version 2, read_all would deliver
+    b-1's versions as 2, 1. pgstate either orders X after Y (append_many may take all its
+    locks before its first write) or refuses X as a transient serialization failure, which
+    the writer retries in a new transaction. Either way: 1 before 2, nothing twice."""
     dsn = libpq_dsn(fresh_db)
     store = Store(fresh_db)
+    refusals: list[SerializationFailure] = []
+
+    def writer_with_retry() -> list[AppendResult]:
+        for _ in range(3):
+            try:
+                return write(store, dsn)
+            except SerializationFailure as refused:
+                refusals.append(refused)
+        raise AssertionError("refused three times")
+
     with (
         psycopg.connect(dsn) as y,
         psycopg.connect(dsn, autocommit=True) as admin,
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
-        # Y holds b-1's lock (a condition check takes it and no transaction id).
+        # Y holds b-1's lock (a condition check takes it, and no transaction id).
         store.check_version("b-1", ExpectedVersion.ANY, conn=y)
-        # X appends to a-1 (and so gets its transaction id), then waits for b-1's lock.
-        x = pool.submit(
-            store.append_many,
-            [StreamAppend("a-1", event("A")), StreamAppend("b-1", event("Second"))],
-        )
+        x = pool.submit(writer_with_retry)
         wait_until(lambda: lock_waiters(admin) == 1, "X waiting on b-1")
-        # Y writes b-1's version 1 under a younger transaction id and commits first.
         first = store.append("b-1", event("First"), conn=y)
         y.commit()
-        [_, second] = x.result(timeout=DEADLINE)
-        assert (first.version, second.version) == (1, 2)
+        a, second = x.result(timeout=DEADLINE)
         delivered, _ = read_pages(store, None, 10, admin)
-    versions = [(e.version, e.type) for e in delivered if e.stream_id == "b-1"]
-    assert versions == [(1, "First"), (2, "Second")]
+
+    assert len(refusals) == 1 if must_refuse else len(refusals) <= 1
+    for refused in refusals:
+        assert refused.retryable
+        assert (refused.stream_id, refused.current_version) == ("b-1", 1)
+    assert (first.version, a.version, second.version) == (1, 1, 2)
+    assert first.last_position < a.first_position <= second.first_position
+    assert [(e.stream_id, e.version, e.type) for e in delivered] == [
+        ("b-1", 1, "First"),
+        ("a-1", 1, "A"),
+        ("b-1", 2, "Second"),
+    ]
     store.close()
 
 
