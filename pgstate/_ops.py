@@ -249,6 +249,12 @@ def append_many(
         work.append((stream_id, -1, Statement(query("check_version"), params)))
     # Every writer locks streams in the same order, so two multi-stream appends never deadlock.
     work.sort(key=lambda item: item[0])
+    # All locks first, before the first write gives this transaction its id: otherwise a
+    # writer that committed on a later stream meanwhile would be newer, and the append to
+    # that stream would have to be refused to keep readers' per-stream order.
+    yield Statement(
+        query("lock_streams"), {"tenant": tenant, "stream_ids": [item[0] for item in work]}
+    )
     results: dict[int, AppendResult] = {}
     for stream_id, index, statement in work:
         rows = yield statement

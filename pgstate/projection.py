@@ -16,6 +16,7 @@ import asyncio
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -27,7 +28,7 @@ from pgstate import _ops
 from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
-from pgstate.errors import LeaseHeld, translate
+from pgstate.errors import ConnectionLost, LeaseHeld, LeaseLost, TransientError, translate
 from pgstate.models import START, AppendResult, Instance, Position, RecordedEvent, TransitionResult
 
 
@@ -95,7 +96,8 @@ class Projection:
 
 
 def _default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # Unique per worker object: two workers in one process must not share a lease.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class ProjectionWorker:
@@ -134,6 +136,7 @@ class ProjectionWorker:
         self.handled = 0
         self.parked = 0
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        self._fenced_at = 0.0
 
     @property
     def table(self) -> str:
@@ -167,6 +170,7 @@ class ProjectionWorker:
                     "members": self.members,
                     "owner": self.owner,
                     "ttl_ms": self.ttl_ms,
+                    "force": False,
                 },
             )
         except LeaseHeld:
@@ -174,9 +178,31 @@ class ProjectionWorker:
         epoch, tx, pos = rows[0]
         self.epoch = epoch
         self.position = Position(int(tx), pos)
+        self._fenced_at = time.monotonic()
         conn = await self._connection()
         await self.projection.setup(conn, self.table)
         return True
+
+    def _fence_params(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection.name,
+            "member": self.member,
+            "epoch": self.epoch,
+            "tx": str(self.position.tx),
+            "pos": self.position.pos,
+            "ttl_ms": self.ttl_ms,
+        }
+
+    async def renew(self) -> None:
+        """Extend the lease while idle; raises LeaseLost if another worker took over."""
+        if self.epoch is None:
+            return
+        try:
+            await self._execute("fence_projection", self._fence_params())
+        except LeaseLost:
+            self.epoch = None
+            raise
+        self._fenced_at = time.monotonic()
 
     async def run_once(self) -> int:
         """Handle the next page of events; returns how many events it moved past."""
@@ -199,6 +225,10 @@ class ProjectionWorker:
         done: Position | None = None
         try:
             async with conn.transaction():
+                # Fence first: the checkpoint row is locked and checked before any
+                # projection row is written, in every page.
+                await conn.execute(query("fence_projection"), self._fence_params())
+                self._fenced_at = time.monotonic()
                 done = await self._apply_page(conn, events)
                 if done is not None:
                     await conn.execute(
@@ -267,26 +297,25 @@ class ProjectionWorker:
     async def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Claim, then catch up and follow the log until ``should_stop()``; reconnects and
         catches up after connection loss, and re-claims after losing the lease."""
+        renew_after = self.ttl_ms / 3000
         while not should_stop():
             try:
                 moved = await self.run_once()
                 if moved == 0:
+                    if time.monotonic() - self._fenced_at > renew_after:
+                        await self.renew()
                     await self.wait()
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, ConnectionLost):
                 await self.close()
                 await asyncio.sleep(0.1)
-            except Exception as exc:
-                if getattr(exc, "sqlstate", None) in ("SM005", "SM010"):
-                    await asyncio.sleep(self.poll_interval)
-                    continue
-                if (
-                    isinstance(exc, psycopg.OperationalError)
-                    or type(exc).__name__ == "ConnectionLost"
-                ):
-                    await self.close()
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
+            except (LeaseLost, LeaseHeld):
+                # Another worker owns the projection now: wait, then try to take over.
+                self.epoch = None
+                await asyncio.sleep(self.poll_interval)
+            except TransientError:
+                # Deadlock, serialization failure, lock timeout: the page was rolled back.
+                self.epoch = None
+                await asyncio.sleep(0.05)
 
     async def parked_events(self) -> list[tuple[Any, ...]]:
         return await self._execute("parked_events", {"projection": self.projection.name})
@@ -378,9 +407,7 @@ async def rebuild(
     if not projection.table:
         raise ValueError("rebuild needs a projection with a table")
     shadow = f"{projection.table}__rebuild"
-    worker = ProjectionWorker(
-        dsn, projection, owner=owner or f"rebuild:{_default_owner()}", use_listen=False
-    )
+    owner_name = owner or f"rebuild:{_default_owner()}"
     conn = await psycopg.AsyncConnection.connect(libpq_dsn(dsn), autocommit=True)
     _prepare_adapters(conn.adapters)
     try:
@@ -417,20 +444,25 @@ async def rebuild(
                     progress(seen, max(estimate, seen))
 
         await copy_pages(False)
-        # The swap: claim (fencing the live worker), catch up the tail, swap, checkpoint.
-        while not await worker.claim():
-            await asyncio.sleep(0.2)
+        # The swap, in one transaction: take the checkpoint over from any live worker (its
+        # epoch is now stale, so its next page is refused), catch up the tail, swap the
+        # tables, and store the checkpoint the new table is at.
+        ttl_ms = 60_000
         async with conn.transaction():
-            await conn.execute(
+            claimed = await conn.execute(
                 query("claim_projection"),
                 {
                     "projection": projection.name,
                     "member": 0,
                     "members": 1,
-                    "owner": worker.owner,
-                    "ttl_ms": worker.ttl_ms,
+                    "owner": owner_name,
+                    "ttl_ms": ttl_ms,
+                    "force": True,
                 },
             )
+            claim_row = await claimed.fetchone()
+            assert claim_row is not None
+            epoch = claim_row[0]
             await copy_pages(True)
             await conn.execute(
                 sql.SQL(query("drop_table")).format(table=sql.Identifier(projection.table))
@@ -445,14 +477,16 @@ async def rebuild(
                 {
                     "projection": projection.name,
                     "member": 0,
-                    "epoch": worker.epoch,
+                    "epoch": epoch,
                     "tx": str(position.tx),
                     "pos": position.pos,
-                    "ttl_ms": worker.ttl_ms,
+                    "ttl_ms": ttl_ms,
                 },
             )
-        await worker.release()
+        await conn.execute(
+            query("release_projection"),
+            {"projection": projection.name, "member": 0, "epoch": epoch},
+        )
         return position
     finally:
-        await worker.close()
         await conn.close()

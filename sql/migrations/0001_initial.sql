@@ -319,6 +319,22 @@ BEGIN
 END;
 $$;
 
+-- Stream locks for a multi-stream write, taken in the order given, before its first write.
+CREATE FUNCTION pgstate.lock_streams_v1(p_tenant text, p_stream_ids text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    v_stream text;
+BEGIN
+    FOREACH v_stream IN ARRAY coalesce(p_stream_ids, '{}') LOOP
+        PERFORM pgstate.check_stream_id(p_tenant, v_stream);
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || v_stream, 0));
+    END LOOP;
+END;
+$$;
+
 -- A condition on a stream that a multi-stream write reads but does not write: takes the
 -- stream lock until commit, so the checked version cannot move before the writes land.
 CREATE FUNCTION pgstate.check_version_v1(p_tenant text, p_stream_id text, p_expected bigint)

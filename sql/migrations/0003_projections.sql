@@ -67,8 +67,9 @@ CREATE TABLE pgstate.parked_events (
     PRIMARY KEY (projection, tx, pos)
 );
 
+-- p_force takes the checkpoint over from a live owner (rebuilds do), fencing it by epoch.
 CREATE FUNCTION pgstate.claim_projection_v1(p_projection text, p_member integer,
-    p_members integer, p_owner text, p_ttl_ms bigint,
+    p_members integer, p_owner text, p_ttl_ms bigint, p_force boolean,
     OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -84,6 +85,15 @@ BEGIN
         PERFORM pgstate.raise_error('SM012', 'projection name, member and members are invalid',
             jsonb_build_object('field', 'projection'));
     END IF;
+    -- One group size per projection: members of different splits would handle the same
+    -- stream twice. The lock makes the check and the insert one step.
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-projection/' || p_projection, 0));
+    IF EXISTS (SELECT 1 FROM pgstate.checkpoints c
+                WHERE c.projection = p_projection AND c.members <> p_members) THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('projection %s already runs with another number of members', p_projection),
+            jsonb_build_object('field', 'members', 'projection', p_projection));
+    END IF;
     INSERT INTO pgstate.checkpoints (projection, member, members)
     VALUES (p_projection, p_member, p_members)
     ON CONFLICT (projection, member) DO NOTHING;
@@ -95,7 +105,8 @@ BEGIN
                    p_members),
             jsonb_build_object('field', 'members', 'members', v_row.members));
     END IF;
-    IF v_row.owner IS NOT NULL AND v_row.owner <> p_owner AND v_row.lease_expires_at > v_now THEN
+    IF v_row.owner IS NOT NULL AND v_row.owner <> p_owner AND v_row.lease_expires_at > v_now
+       AND NOT coalesce(p_force, false) THEN
         PERFORM pgstate.raise_error('SM010',
             format('%s holds projection %s member %s', v_row.owner, p_projection, p_member),
             jsonb_build_object('projection', p_projection, 'member', p_member,
@@ -147,6 +158,35 @@ BEGIN
     UPDATE pgstate.checkpoints
        SET tx = p_tx, pos = p_pos, updated_at = v_now,
            lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0)
+     WHERE projection = p_projection AND member = p_member;
+END;
+$$;
+
+-- The first statement of every page a worker applies (and its renewal while idle): lock
+-- the checkpoint row, check that this worker still owns it with a live lease and that the
+-- checkpoint is where the page starts, and extend the lease. Taking the checkpoint row
+-- before touching any projection table gives every writer (workers, rebuild) one lock order.
+CREATE FUNCTION pgstate.fence_projection_v1(p_projection text, p_member integer,
+    p_epoch bigint, p_tx xid8, p_pos bigint, p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row pgstate.checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO v_row FROM pgstate.checkpoints c
+     WHERE c.projection = p_projection AND c.member = p_member FOR UPDATE;
+    IF NOT FOUND OR v_row.epoch <> p_epoch OR v_row.lease_expires_at <= v_now
+       OR (v_row.tx, v_row.pos) <> (p_tx, p_pos) THEN
+        PERFORM pgstate.raise_error('SM005',
+            format('projection %s member %s: epoch %s no longer owns the checkpoint at %s:%s',
+                   p_projection, p_member, p_epoch, p_tx, p_pos),
+            jsonb_build_object('projection', p_projection, 'member', p_member,
+                               'lease_owner', v_row.owner, 'lease_epoch', v_row.epoch));
+    END IF;
+    UPDATE pgstate.checkpoints
+       SET lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0)
      WHERE projection = p_projection AND member = p_member;
 END;
 $$;

@@ -99,3 +99,7 @@ SELECT format('CREATE DATABASE %%I TEMPLATE %%I', %(name)s::text, %(template)s::
 
 -- name: drop_database
 SELECT format('DROP DATABASE IF EXISTS %%I WITH (FORCE)', %(name)s::text)
+
+-- Take several stream locks in the given order (callers sort the ids).
+-- name: lock_streams
+SELECT pgstate.lock_streams_v1(%(tenant)s, %(stream_ids)s::text[])

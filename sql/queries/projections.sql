@@ -67,7 +67,7 @@ SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '
 -- name: claim_projection
 SELECT o_epoch, o_tx, o_pos
   FROM pgstate.claim_projection_v1(%(projection)s, %(member)s, %(members)s, %(owner)s,
-                                   %(ttl_ms)s::bigint)
+                                   %(ttl_ms)s::bigint, %(force)s)
 
 -- name: save_checkpoint
 SELECT pgstate.save_checkpoint_v1(%(projection)s, %(member)s, %(epoch)s::bigint,
@@ -134,3 +134,7 @@ SELECT head.tx, head.pos,
          WHERE tx < pg_snapshot_xmin(pg_current_snapshot())
          ORDER BY tx DESC, pos DESC
          LIMIT 1) head
+
+-- name: fence_projection
+SELECT pgstate.fence_projection_v1(%(projection)s, %(member)s, %(epoch)s::bigint,
+                                   %(tx)s::xid8, %(pos)s::bigint, %(ttl_ms)s::bigint)
