@@ -253,6 +253,9 @@ def fire_due_timeouts(limit: int) -> Generator[Statement, list[Row], list[FiredT
     return [FiredTimeout(*row) for row in rows]
 
 
+MIGRATION_BATCH = 500
+
+
 def migrate_instances(
     tenant: str,
     machine: object,
@@ -260,8 +263,13 @@ def migrate_instances(
     to_version: int,
     state_map: Mapping[str, str],
     actor: Mapping[str, Any] | None,
-) -> Generator[Statement, list[Row], int]:
+    after: str | None,
+) -> Generator[Statement, list[Row], tuple[int, str | None]]:
+    """One batch of instance migration: (how many moved, the last stream id handled)."""
     name, _ = _machine_name(machine)
+    for field, number in (("from_version", from_version), ("to_version", to_version)):
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number < 2**31:
+            raise InvalidInput(f"{field} must be a machine version number", detail={"field": field})
     if not isinstance(state_map, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in state_map.items()
     ):
@@ -277,9 +285,12 @@ def migrate_instances(
             "to_version": to_version,
             "state_map": json.dumps(dict(state_map)),
             "actor": encode_actor(actor),
+            "after": after,
+            "limit": MIGRATION_BATCH,
         },
     )
-    return int(rows[0][0])
+    moved, last = rows[0]
+    return int(moved), last
 
 
 def find_in_state(

@@ -717,6 +717,10 @@ def _check_timeouts(
             problems.append(
                 f"state {sname!r}: on_timeout event {on_timeout!r} has no transition from {sname!r}"
             )
+        elif by_key[(on_timeout, sname)].guard is not None:
+            # The sweeper fires it with no payload and a system actor: a guard could only
+            # ever refuse it, leaving the instance stuck past its deadline.
+            problems.append(f"state {sname!r}: timeout event {on_timeout!r} must not have a guard")
     return problems
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pgstate import _machine_ops, _ops, migrate
@@ -28,6 +29,7 @@ from pgstate._driver import arun, run
 from pgstate._ops import Op, check_identifier
 from pgstate._telemetry import append_span, current_traceparent, transition_span
 from pgstate.config import Settings
+from pgstate.errors import translate
 from pgstate.fold import Fold, FoldedState, load_state
 from pgstate.models import (
     AppendResult,
@@ -88,11 +90,15 @@ class Store(_StoreBase):
                     return self._run_projected(raw, op)
             return self._run_projected(raw, op) if project else run(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
-        with engine.connect() as own:
-            raw = raw_sync(own)
-            result = self._run_projected(raw, op) if project else run(raw, op)
-            own.commit()
-            return result
+        try:
+            with engine.connect() as own:
+                raw = raw_sync(own)
+                result = self._run_projected(raw, op) if project else run(raw, op)
+                own.commit()
+                return result
+        except DBAPIError as exc:
+            # Connecting or committing failed: the outcome of a commit is then unknown.
+            raise translate(exc.orig if exc.orig is not None else exc) from exc
 
     def _run_projected(self, raw: psycopg.Connection[Any], op: Op) -> Any:
         """Run a write and then the inline projections on what it stored, in the same
@@ -397,12 +403,19 @@ class Store(_StoreBase):
         actor: Mapping[str, Any] | None = None,
         conn: SyncConn | None = None,
     ) -> int:
-        """Move live instances to another machine version; returns how many moved."""
-        op = _machine_ops.migrate_instances(
-            self.tenant, machine, from_version, to_version, state_map, actor
-        )
-        moved: int = self._call(op, conn, atomic=True)
-        return moved
+        """Move live (not finished) instances to another machine version, each under its
+        lock with a ``$migrated`` event; returns how many moved. Without ``conn`` each batch
+        of instances commits on its own, so the locks held at once stay bounded."""
+        moved, after = 0, None
+        while True:
+            op = _machine_ops.migrate_instances(
+                self.tenant, machine, from_version, to_version, state_map, actor, after
+            )
+            batch: tuple[int, str | None] = self._call(op, conn, atomic=True)
+            moved += batch[0]
+            if batch[1] is None:  # a batch that found no instance left
+                return moved
+            after = batch[1]
 
     def find_in_state(
         self,
@@ -453,11 +466,14 @@ class AsyncStore(_StoreBase):
                 return await self._run_projected(raw, op)
             return await arun(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
-        async with engine.connect() as own:
-            raw = await raw_async(own)
-            result = await self._run_projected(raw, op) if project else await arun(raw, op)
-            await own.commit()
-            return result
+        try:
+            async with engine.connect() as own:
+                raw = await raw_async(own)
+                result = await self._run_projected(raw, op) if project else await arun(raw, op)
+                await own.commit()
+                return result
+        except DBAPIError as exc:
+            raise translate(exc.orig if exc.orig is not None else exc) from exc
 
     async def _run_projected(self, raw: psycopg.AsyncConnection[Any], op: Op) -> Any:
         result = await arun(raw, op)
@@ -760,12 +776,16 @@ class AsyncStore(_StoreBase):
         actor: Mapping[str, Any] | None = None,
         conn: AsyncConn | None = None,
     ) -> int:
-        """Move live instances to another machine version; returns how many moved."""
-        op = _machine_ops.migrate_instances(
-            self.tenant, machine, from_version, to_version, state_map, actor
-        )
-        moved: int = await self._call(op, conn, atomic=True)
-        return moved
+        moved, after = 0, None
+        while True:
+            op = _machine_ops.migrate_instances(
+                self.tenant, machine, from_version, to_version, state_map, actor, after
+            )
+            batch: tuple[int, str | None] = await self._call(op, conn, atomic=True)
+            moved += batch[0]
+            if batch[1] is None:  # a batch that found no instance left
+                return moved
+            after = batch[1]
 
     async def find_in_state(
         self,

@@ -202,13 +202,24 @@ BEGIN
     PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
     IF EXISTS (SELECT 1 FROM pgstate.streams s
                 WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id) THEN
-        SELECT e.event_id, e.tx, e.pos, s.state, s.machine_version INTO v_first
+        SELECT e.event_id, e.tx, e.pos, e.data, s.machine, s.state, s.version,
+               s.machine_version, s.deadline_at INTO v_first
           FROM pgstate.events e
           JOIN pgstate.streams s ON s.tenant = e.tenant AND s.stream_id = e.stream_id
          WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id AND e.version = 1;
         IF p_event_id IS NOT NULL AND v_first.event_id = p_event_id THEN
-            -- A retry of the create that already landed.
-            o_version := 1;
+            IF v_first.machine IS DISTINCT FROM p_machine
+               OR v_first.data <> coalesce(p_data, '{}'::jsonb) THEN
+                PERFORM pgstate.raise_error('SM006',
+                    format('event id %s created %s with another machine or data', p_event_id,
+                           p_stream_id),
+                    pgstate.head_json(p_tenant, p_stream_id));
+            END IF;
+            -- A retry of the create that already landed: what the instance is now.
+            o_state := v_first.state;
+            o_version := v_first.version;
+            o_machine_version := v_first.machine_version;
+            o_deadline_at := v_first.deadline_at;
             o_tx := v_first.tx;
             o_pos := v_first.pos;
             o_duplicate := true;
@@ -309,7 +320,8 @@ BEGIN
         -- 1. A known key answers before anything else, even though the stream has moved on.
         IF p_idempotency_key IS NOT NULL THEN
             v_hash := md5(jsonb_build_array(p_event, p_expected_state, p_expected_version,
-                                            coalesce(p_data, '{}'::jsonb), p_lease_epoch)::text);
+                                            coalesce(p_data, '{}'::jsonb), p_lease_epoch,
+                                            p_event_type, p_release_lease)::text);
             SELECT k.request_hash, k.result INTO v_stored_hash, v_stored
               FROM pgstate.idempotency_keys k
              WHERE k.tenant = p_tenant AND k.stream_id = p_stream_id
@@ -415,7 +427,8 @@ BEGIN
             o_message := format('no transition %s from state %s', p_event, v_head.state);
             EXIT checks;
         END IF;
-        IF v_head.guard IS NOT NULL THEN
+        -- A due timeout edge is the system's, not a request: no guard applies to it.
+        IF v_head.guard IS NOT NULL AND NOT v_is_timeout THEN
             v_guard_error := pgstate.guard_failure(v_head.guard, coalesce(p_data, '{}'::jsonb),
                                                    p_actor);
             IF v_guard_error IS NOT NULL THEN
@@ -682,8 +695,8 @@ $$;
 -- migrate_instances_v1: move live instances of one machine version to another under
 -- their locks, appending a '$migrated' event each. The state map must be total.
 CREATE FUNCTION pgstate.migrate_instances_v1(p_tenant text, p_machine text,
-    p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb)
-RETURNS bigint
+    p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb,
+    p_after text, p_limit integer, OUT o_moved bigint, OUT o_last text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
@@ -695,8 +708,12 @@ DECLARE
     v_head     pgstate.streams%ROWTYPE;
     v_to_state text;
     v_timeout  interval;
-    v_moved    bigint := 0;
 BEGIN
+    o_moved := 0;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        PERFORM pgstate.raise_error('SM012', 'limit must be 1 to 10000',
+            jsonb_build_object('field', 'limit'));
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pgstate.machines WHERE name = p_machine AND version = p_from_version)
        OR NOT EXISTS (SELECT 1 FROM pgstate.machines WHERE name = p_machine AND version = p_to_version) THEN
         PERFORM pgstate.raise_error('SM009',
@@ -727,12 +744,19 @@ BEGIN
             jsonb_build_object('field', 'state_map', 'unmapped', v_missing));
     END IF;
 
+    -- Finished instances stay as they are. Batches (p_after, p_limit) keep the number of
+    -- stream locks held by one transaction bounded; ids go in byte order, as Python sorts.
     FOR v_stream IN
         SELECT s.stream_id FROM pgstate.streams s
+          JOIN pgstate.machine_states st
+            ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
          WHERE s.tenant = p_tenant AND s.machine = p_machine
-           AND s.machine_version = p_from_version
-         ORDER BY s.stream_id
+           AND s.machine_version = p_from_version AND NOT st.final
+           AND (p_after IS NULL OR s.stream_id COLLATE "C" > p_after COLLATE "C")
+         ORDER BY s.stream_id COLLATE "C"
+         LIMIT p_limit
     LOOP
+        o_last := v_stream;
         PERFORM pgstate.lock_stream(p_tenant, v_stream);
         SELECT * INTO v_head FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = v_stream;
@@ -756,9 +780,8 @@ BEGIN
                                   ELSE clock_timestamp() + v_timeout END,
                updated_at = clock_timestamp()
          WHERE tenant = p_tenant AND stream_id = v_stream;
-        v_moved := v_moved + 1;
+        o_moved := o_moved + 1;
     END LOOP;
-    RETURN v_moved;
 END;
 $$;
 -- Roles for the host application: readers select, writers also execute the write

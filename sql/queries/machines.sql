@@ -37,9 +37,10 @@ SELECT o_tenant, o_stream_id, o_event, o_from_state, o_to_state, o_version, o_le
   FROM pgstate.fire_due_timeouts_v1(%(limit)s::integer)
 
 -- name: migrate_instances
-SELECT pgstate.migrate_instances_v1(%(tenant)s, %(machine)s, %(from_version)s::integer,
+SELECT o_moved, o_last
+  FROM pgstate.migrate_instances_v1(%(tenant)s, %(machine)s, %(from_version)s::integer,
                                     %(to_version)s::integer, %(state_map)s::jsonb,
-                                    %(actor)s::jsonb)
+                                    %(actor)s::jsonb, %(after)s::text, %(limit)s::integer)
 
 -- Lowest ids first, so agents of one role contend for the same work in a stable order.
 -- name: find_in_state

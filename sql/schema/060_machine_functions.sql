@@ -133,13 +133,24 @@ BEGIN
     PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
     IF EXISTS (SELECT 1 FROM pgstate.streams s
                 WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id) THEN
-        SELECT e.event_id, e.tx, e.pos, s.state, s.machine_version INTO v_first
+        SELECT e.event_id, e.tx, e.pos, e.data, s.machine, s.state, s.version,
+               s.machine_version, s.deadline_at INTO v_first
           FROM pgstate.events e
           JOIN pgstate.streams s ON s.tenant = e.tenant AND s.stream_id = e.stream_id
          WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id AND e.version = 1;
         IF p_event_id IS NOT NULL AND v_first.event_id = p_event_id THEN
-            -- A retry of the create that already landed.
-            o_version := 1;
+            IF v_first.machine IS DISTINCT FROM p_machine
+               OR v_first.data <> coalesce(p_data, '{}'::jsonb) THEN
+                PERFORM pgstate.raise_error('SM006',
+                    format('event id %s created %s with another machine or data', p_event_id,
+                           p_stream_id),
+                    pgstate.head_json(p_tenant, p_stream_id));
+            END IF;
+            -- A retry of the create that already landed: what the instance is now.
+            o_state := v_first.state;
+            o_version := v_first.version;
+            o_machine_version := v_first.machine_version;
+            o_deadline_at := v_first.deadline_at;
             o_tx := v_first.tx;
             o_pos := v_first.pos;
             o_duplicate := true;

@@ -67,7 +67,8 @@ BEGIN
         -- 1. A known key answers before anything else, even though the stream has moved on.
         IF p_idempotency_key IS NOT NULL THEN
             v_hash := md5(jsonb_build_array(p_event, p_expected_state, p_expected_version,
-                                            coalesce(p_data, '{}'::jsonb), p_lease_epoch)::text);
+                                            coalesce(p_data, '{}'::jsonb), p_lease_epoch,
+                                            p_event_type, p_release_lease)::text);
             SELECT k.request_hash, k.result INTO v_stored_hash, v_stored
               FROM pgstate.idempotency_keys k
              WHERE k.tenant = p_tenant AND k.stream_id = p_stream_id
@@ -173,7 +174,8 @@ BEGIN
             o_message := format('no transition %s from state %s', p_event, v_head.state);
             EXIT checks;
         END IF;
-        IF v_head.guard IS NOT NULL THEN
+        -- A due timeout edge is the system's, not a request: no guard applies to it.
+        IF v_head.guard IS NOT NULL AND NOT v_is_timeout THEN
             v_guard_error := pgstate.guard_failure(v_head.guard, coalesce(p_data, '{}'::jsonb),
                                                    p_actor);
             IF v_guard_error IS NOT NULL THEN

@@ -182,8 +182,8 @@ $$;
 -- migrate_instances_v1: move live instances of one machine version to another under
 -- their locks, appending a '$migrated' event each. The state map must be total.
 CREATE FUNCTION pgstate.migrate_instances_v1(p_tenant text, p_machine text,
-    p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb)
-RETURNS bigint
+    p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb,
+    p_after text, p_limit integer, OUT o_moved bigint, OUT o_last text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
@@ -195,8 +195,12 @@ DECLARE
     v_head     pgstate.streams%ROWTYPE;
     v_to_state text;
     v_timeout  interval;
-    v_moved    bigint := 0;
 BEGIN
+    o_moved := 0;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        PERFORM pgstate.raise_error('SM012', 'limit must be 1 to 10000',
+            jsonb_build_object('field', 'limit'));
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pgstate.machines WHERE name = p_machine AND version = p_from_version)
        OR NOT EXISTS (SELECT 1 FROM pgstate.machines WHERE name = p_machine AND version = p_to_version) THEN
         PERFORM pgstate.raise_error('SM009',
@@ -227,12 +231,19 @@ BEGIN
             jsonb_build_object('field', 'state_map', 'unmapped', v_missing));
     END IF;
 
+    -- Finished instances stay as they are. Batches (p_after, p_limit) keep the number of
+    -- stream locks held by one transaction bounded; ids go in byte order, as Python sorts.
     FOR v_stream IN
         SELECT s.stream_id FROM pgstate.streams s
+          JOIN pgstate.machine_states st
+            ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
          WHERE s.tenant = p_tenant AND s.machine = p_machine
-           AND s.machine_version = p_from_version
-         ORDER BY s.stream_id
+           AND s.machine_version = p_from_version AND NOT st.final
+           AND (p_after IS NULL OR s.stream_id COLLATE "C" > p_after COLLATE "C")
+         ORDER BY s.stream_id COLLATE "C"
+         LIMIT p_limit
     LOOP
+        o_last := v_stream;
         PERFORM pgstate.lock_stream(p_tenant, v_stream);
         SELECT * INTO v_head FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = v_stream;
@@ -256,8 +267,7 @@ BEGIN
                                   ELSE clock_timestamp() + v_timeout END,
                updated_at = clock_timestamp()
          WHERE tenant = p_tenant AND stream_id = v_stream;
-        v_moved := v_moved + 1;
+        o_moved := o_moved + 1;
     END LOOP;
-    RETURN v_moved;
 END;
 $$;

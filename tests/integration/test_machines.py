@@ -511,3 +511,47 @@ def test_plain_append_to_an_instance_is_refused(store: Store) -> None:
     assert "transition" in str(caught.value)
     assert caught.value.current_state == "queued"
     assert [e.type for e in store.read_stream(stream)] == ["$created"]
+
+
+def test_migrate_instances_in_batches_skips_finished(store: Store) -> None:
+    from pgstate._machine_ops import MIGRATION_BATCH
+
+    class Batch(Machine):
+        name = "Batch"
+        a = State(initial=True)
+        b = State(final=True)
+        go = a.to(b)
+
+    class BatchV2(Machine):
+        name = "Batch"
+        a = State(initial=True)
+        c = State()
+        b = State(final=True)
+        go = a.to(c)
+        end = c.to(b)
+
+    store.register(Batch)
+    live = [f"batch-{n:05d}" for n in range(MIGRATION_BATCH + 7)]
+    for stream in live:
+        store.create(stream, Batch)
+    store.create("batch-done", Batch)
+    store.transition("batch-done", "go")
+    v2 = store.register(BatchV2)
+    assert store.migrate_instances("Batch", 1, v2.version, {}) == len(live)
+    finished = store.stream_state("batch-done")
+    assert finished is not None and (finished.machine_version, finished.state) == (1, "b")
+    assert store.transition(live[-1], "go").to_state == "c"
+    with pytest.raises(InvalidInput):
+        store.migrate_instances("Batch", 1, 2**40, {})
+
+
+def test_retried_create_must_match(store: Store) -> None:
+    stream = new_id()
+    event_id = uuid.uuid4()
+    store.create(stream, Job, data={"x": 1}, event_id=event_id)
+    lease = store.acquire_lease(stream, "w1", timedelta(seconds=5))
+    store.transition(stream, "start", lease_epoch=lease.epoch)
+    retry = store.create(stream, Job, data={"x": 1}, event_id=event_id)
+    assert retry.duplicate and (retry.state, retry.version) == ("running", 2)
+    with pytest.raises(IdempotencyKeyReused):
+        store.create(stream, Job, data={"x": 2}, event_id=event_id)

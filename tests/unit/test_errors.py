@@ -339,3 +339,20 @@ def test_terminated_connection_is_connection_lost(pgstate_db: str) -> None:
     error = translate(caught.value)
     assert type(error) is ConnectionLost
     assert error.retryable is True
+
+
+def test_unreachable_server_is_connection_lost() -> None:
+    import asyncio
+
+    from pgstate import AsyncStore, ConnectionLost, Store
+
+    url = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
+    with Store(url) as store, pytest.raises(ConnectionLost):
+        store.stream_state("any-1")
+
+    async def attempt() -> None:
+        async with AsyncStore(url) as astore:
+            await astore.stream_state("any-1")
+
+    with pytest.raises(ConnectionLost):
+        asyncio.run(attempt())

@@ -1090,3 +1090,12 @@ def test_diagrams_do_not_depend_on_declaration_order() -> None:
     loaded = machine_from_yaml(TICKET_YAML)
     assert loaded.to_mermaid() == Ticket.to_mermaid()
     assert loaded.to_dot() == Ticket.to_dot()
+
+
+def test_timeout_edge_may_not_have_a_guard() -> None:
+    with pytest.raises(MachineDefinitionError, match="must not have a guard"):
+
+        class Guarded(Machine):
+            waiting = State(initial=True, timeout=timedelta(seconds=5), on_timeout="expire")
+            expired = State(final=True)
+            expire = waiting.to(expired, guard=Guard(actor_kinds=["worker"]))
