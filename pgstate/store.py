@@ -188,7 +188,9 @@ class Store(_StoreBase):
         *,
         conn: SyncConn | None = None,
     ) -> int:
-        """Lock a stream until commit and check its version; returns the version."""
+        """Check a stream's version and hold its lock until the transaction ends; returns the
+        version. Pass ``conn=`` (your transaction): without it the call commits at once and
+        the lock ends with it."""
         version: int = self._call(
             _ops.check_version(self.tenant, stream_id, expected_version), conn
         )
