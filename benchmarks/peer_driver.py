@@ -33,7 +33,11 @@ from pgstate.machine import Machine, State
 from pgstate.migrate import upgrade
 from pgstate.models import Position, RecordedEvent
 
-POS_BITS = 40  # a harness position is one int: (tx << 40) | pos
+# The harness wants one int per event that increases in read_all order; pgstate's position
+# is the pair (tx, pos), ordered by tx, then pos. (tx << 40) | pos keeps that order and
+# decodes back exactly while pos < 2**40 (a trillion events), far beyond any benchmark.
+POS_BITS = 40
+POS_MASK = (1 << POS_BITS) - 1
 
 
 class BenchTicket(Machine):
@@ -63,13 +67,26 @@ EVENT_FOR_EDGE = {
 
 
 def encode(position: Position) -> int:
+    if position.pos > POS_MASK:
+        raise OverflowError(f"pos {position.pos} does not fit the harness position encoding")
     return (position.tx << POS_BITS) | position.pos
 
 
 def decode(number: int) -> Position | None:
+    """The read_all cursor for a harness position (0 or less: from the start)."""
     if number <= 0:
         return None
-    return Position(number >> POS_BITS, number & ((1 << POS_BITS) - 1))
+    return Position(number >> POS_BITS, number & POS_MASK)
+
+
+def expected(version: int | None) -> ExpectedVersion | int:
+    """The harness's expected version as pgstate's: None appends at the end whatever the
+    version, 0 means the stream must not exist yet, n means exactly n."""
+    if version is None:
+        return ExpectedVersion.ANY
+    if version == 0:
+        return ExpectedVersion.NO_STREAM
+    return version
 
 
 def to_event(event: RecordedEvent) -> Event:
@@ -113,9 +130,10 @@ class PgState(Driver):  # type: ignore[misc]
         self, stream_id: str, events: list[dict[str, Any]], expected_version: int | None
     ) -> int:
         batch = [NewEvent(type=e["type"], data=e["data"]) for e in events]
-        expected = ExpectedVersion.ANY if expected_version is None else expected_version
         try:
-            result = self.store.append(stream_id, batch, expected_version=expected, conn=self.conn)
+            result = self.store.append(
+                stream_id, batch, expected_version=expected(expected_version), conn=self.conn
+            )
         except VersionConflict as conflict:
             raise Conflict(str(conflict)) from None
         return result.version
