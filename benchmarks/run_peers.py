@@ -6,8 +6,13 @@
         --set catchup_rate=3000
 
 Environment: BENCH_DIR (default ../shared/bench), BENCH_PYTHON (default
-$BENCH_DIR/.venv/bin/python; its venv needs the harness requirements and this project
-installed: pip install -r $BENCH_DIR/requirements.txt && pip install -e .).
+$BENCH_DIR/.venv/bin/python if it exists, else this Python; its venv needs the harness
+requirements and this project installed: pip install -r $BENCH_DIR/requirements.txt &&
+pip install -e .). Where the harness directory is read-only, make the venv elsewhere:
+
+    python3 -m venv /work/benchvenv && /work/benchvenv/bin/pip install \
+        -r ../shared/bench/requirements.txt && /work/benchvenv/bin/pip install -e .
+    BENCH_PYTHON=/work/benchvenv/bin/python python benchmarks/run_peers.py
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ HEADLINE = {
     "ticket_race": "transitions_per_s",
     "read_back": "read_all_events_per_s",
 }
-BASELINES = ("raw", "eventsourcing", "redis_lua_aof_always")
+BASELINES = ("raw", "raw_notify", "eventsourcing", "redis_lua_aof_always")
 
 
 def ratio_table(results: dict[str, Any]) -> str:
@@ -49,14 +54,16 @@ def ratio_table(results: dict[str, Any]) -> str:
         if value is not None:
             values[(cell.get("pg_label", ""), cell["workload"], cell["driver"])].append(value)
     lines = [
-        "| PostgreSQL | workload | pgstate | " + " | ".join(f"vs {b}" for b in BASELINES) + " |",
-        "|---|---|---|" + "---|" * len(BASELINES),
+        "| PostgreSQL | workload | driver | figure | "
+        + " | ".join(f"vs {b}" for b in BASELINES)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(BASELINES),
     ]
     for (label, workload, driver), ours in sorted(values.items()):
-        if driver != "pgstate":
+        if not driver.startswith("pgstate"):
             continue
         mine = statistics.median(ours)
-        row = [label, workload, f"{mine:,.0f}"]
+        row = [label, workload, driver, f"{mine:,.0f} {HEADLINE[workload]}"]
         for baseline in BASELINES:
             theirs = values.get((label, workload, baseline))
             row.append(f"{mine / statistics.median(theirs):.2f}x" if theirs else "-")
@@ -75,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(PROJECT / "benchmarks" / "results" / "peers.json"))
     args = parser.parse_args(argv)
     bench_dir = Path(os.environ.get("BENCH_DIR", PROJECT.parent / "shared" / "bench"))
-    python = os.environ.get("BENCH_PYTHON", str(bench_dir / ".venv" / "bin" / "python"))
+    bench_venv_python = bench_dir / ".venv" / "bin" / "python"
+    default_python = str(bench_venv_python) if bench_venv_python.exists() else sys.executable
+    python = os.environ.get("BENCH_PYTHON", default_python)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     command = [
         python,
