@@ -32,50 +32,24 @@ SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '
 -- Tailing in commit order: only transactions below the snapshot's xmin are certainly
 -- finished, so nothing can later appear below the cursor. One statement, one snapshot.
 -- name: read_all
-SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
-       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
-       machine_version, recorded_at
-  FROM pgstate.events
- WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
-   AND tx < pg_snapshot_xmin(pg_current_snapshot())
-   AND tenant = %(tenant)s
- ORDER BY tx, pos
- LIMIT %(limit)s
+SELECT * FROM pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint, %(limit)s::integer,
+                                   NULL)
+
 
 -- name: read_all_types
-SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
-       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
-       machine_version, recorded_at
-  FROM pgstate.events
- WHERE (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
-   AND tx < pg_snapshot_xmin(pg_current_snapshot())
-   AND tenant = %(tenant)s
-   AND type = ANY(%(types)s::text[])
- ORDER BY tx, pos
- LIMIT %(limit)s
+SELECT * FROM pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint, %(limit)s::integer,
+                                   %(types)s::text[])
+
 
 -- name: read_category
-SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
-       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
-       machine_version, recorded_at
-  FROM pgstate.events
- WHERE tenant = %(tenant)s AND category = %(category)s
-   AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
-   AND tx < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY tx, pos
- LIMIT %(limit)s
+SELECT * FROM pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8, %(pos)s::bigint,
+                                        %(limit)s::integer, NULL)
+
 
 -- name: read_category_types
-SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '{}')::text,
-       event_id, schema_version, causation_id, correlation_id, actor::text, traceparent,
-       machine_version, recorded_at
-  FROM pgstate.events
- WHERE tenant = %(tenant)s AND category = %(category)s
-   AND (tx, pos) > (%(tx)s::xid8, %(pos)s::bigint)
-   AND tx < pg_snapshot_xmin(pg_current_snapshot())
-   AND type = ANY(%(types)s::text[])
- ORDER BY tx, pos
- LIMIT %(limit)s
+SELECT * FROM pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8, %(pos)s::bigint,
+                                        %(limit)s::integer, %(types)s::text[])
+
 
 -- name: stream_state
 SELECT tenant, stream_id, category, version, state, machine, machine_version, lease_owner,

@@ -46,7 +46,9 @@ CREATE TABLE pgstate.events (
     CONSTRAINT events_event_id_key UNIQUE (event_id)
 );
 
-CREATE INDEX events_category_idx ON pgstate.events (tenant, category, tx, pos);
+-- category leads: with tenant first, a fresh table's planner picks this index (and a sort)
+-- for read_all too, where only (tx, pos) order serves.
+CREATE INDEX events_category_idx ON pgstate.events (category, tenant, tx, pos);
 
 -- The log is immutable: no UPDATE, DELETE or TRUNCATE, whoever the writer is.
 CREATE FUNCTION pgstate.reject_event_mutation() RETURNS trigger

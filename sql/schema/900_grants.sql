@@ -23,6 +23,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_reader') THEN
         GRANT USAGE ON SCHEMA pgstate TO pgstate_reader;
         GRANT SELECT ON ALL TABLES IN SCHEMA pgstate TO pgstate_reader;
+        GRANT EXECUTE ON FUNCTION pgstate.read_all_v1(text, xid8, bigint, integer, text[]),
+            pgstate.read_category_v1(text, text, xid8, bigint, integer, text[])
+            TO pgstate_reader;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgstate TO pgstate_writer;
