@@ -15,11 +15,11 @@ import time
 from typing import Any
 
 import psycopg
+from scale import Toggle  # the same machine as the scale benchmark
 
 from pgstate import Store
 from pgstate._connect import libpq_dsn
 from pgstate._embedded import EmbeddedPostgres
-from pgstate.machine import Machine, State
 
 STATEMENTS = """
 SELECT calls, mean_exec_time * 1000 AS mean_us, left(regexp_replace(query, '\\s+', ' ', 'g'), 90),
@@ -32,17 +32,6 @@ FUNCTIONS = """
 SELECT funcname, calls, self_time / calls * 1000, total_time / calls * 1000
   FROM pg_stat_user_functions WHERE calls >= %(calls)s ORDER BY total_time DESC
 """
-
-
-class Toggle(Machine):
-    name = "ProfileToggle"
-    off = State(initial=True)
-    on = State()
-    done = State(final=True)
-
-    switch_on = off.to(on)
-    switch_off = on.to(off)
-    finish = on.to(done)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,17 +128,16 @@ class Listener:
         if stall is not None:
             self.on_stall(stall)
 
-    def events(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[RecordedEvent]:
-        """Every event after ``position``, blocking between them; returns when
-        ``should_stop()`` is true (checked at least once per poll interval)."""
+    def _pages(self, should_stop: Callable[[], bool]) -> Iterator[list[RecordedEvent]]:
+        """Non-empty pages after ``position``; the caller moves ``position`` as it consumes
+        them. Waits between pages, reconnects (and so catches up) after connection loss."""
         while not should_stop():
             try:
                 if self.conn is None:
                     self.conn = self._connect()
                 page = self._read_page(self.conn)
-                for event in page:
-                    self.position = event.position
-                    yield event
+                if page:
+                    yield page
                 if len(page) == self.page_size:
                     continue  # more to catch up before waiting
                 self._maybe_report_stall(self.conn)
@@ -148,26 +147,21 @@ class Listener:
                 self.reconnects += 1
                 time.sleep(self.reconnect_delay)
 
+    def events(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[RecordedEvent]:
+        """Every event after ``position``, blocking between them; returns when
+        ``should_stop()`` is true (checked at least once per poll interval)."""
+        for page in self._pages(should_stop):
+            for event in page:
+                self.position = event.position
+                yield event
+
     def batches(
         self, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[list[RecordedEvent]]:
-        """Like :meth:`events`, a page at a time (empty pages are skipped)."""
-        while not should_stop():
-            try:
-                if self.conn is None:
-                    self.conn = self._connect()
-                page = self._read_page(self.conn)
-                if page:
-                    self.position = page[-1].position
-                    yield page
-                if len(page) == self.page_size:
-                    continue
-                self._maybe_report_stall(self.conn)
-                self._wait(self.conn, self.poll_interval)
-            except psycopg.OperationalError:
-                self.close()
-                self.reconnects += 1
-                time.sleep(self.reconnect_delay)
+        """Like :meth:`events`, a page at a time."""
+        for page in self._pages(should_stop):
+            self.position = page[-1].position
+            yield page
 
     def close(self) -> None:
         if self.conn is not None:
