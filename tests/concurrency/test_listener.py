@@ -167,3 +167,25 @@ def test_idle_transaction_is_reported_as_stall(fresh_db: str) -> None:
     assert [e.stream_id for e in got] == ["held-1", "free-1"]
     listener.close()
     store.close()
+
+
+def test_polling_only_listener_for_transaction_poolers(fresh_db: str) -> None:
+    """use_listen=False never issues LISTEN (which transaction-mode poolers break) and
+    still delivers everything, by polling."""
+    store = Store(fresh_db)
+    listener = Listener(fresh_db, use_listen=False, poll_interval=0.01)
+    acknowledged = [
+        (f"p-{n % 3}", store.append(f"p-{n % 3}", [NewEvent(type="P")]).version) for n in range(30)
+    ]
+    delivered: list[RecordedEvent] = []
+    deadline = time.monotonic() + 10
+    for event in listener.events(
+        should_stop=lambda: len(delivered) >= 30 or time.monotonic() > deadline
+    ):
+        delivered.append(event)
+    assert listener.conn is not None
+    listening = listener.conn.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()
+    assert listening == (0,)
+    listener.close()
+    store.close()
+    check_delivery(acknowledged, delivered)
