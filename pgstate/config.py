@@ -13,4 +13,3 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", min_length=1, max_length=100)
     max_event_bytes: int = Field(default=1_048_576, ge=1)
     max_batch: int = Field(default=10_000, ge=1, le=10_000)
-    read_page_size: int = Field(default=1_000, ge=1, le=100_000)

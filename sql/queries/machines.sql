@@ -57,12 +57,6 @@ SELECT id, event, code, message, detail, actor, reason, idempotency_key, tracepa
  WHERE tenant = %(tenant)s AND stream_id = %(stream_id)s
  ORDER BY id
 
--- name: machine_versions
-SELECT version, def_hash, definition, registered_at
-  FROM pgstate.machines
- WHERE name = %(name)s
- ORDER BY version
-
 -- name: count_by_state
 SELECT state, count(*)
   FROM pgstate.streams

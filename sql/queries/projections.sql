@@ -1,24 +1,10 @@
 -- Statements for listeners, projections and snapshots.
 
--- The newest event readers may see (below the watermark), for relays and wait_for.
--- name: head_position
-SELECT tx, pos
-  FROM pgstate.events
- WHERE tx < pg_snapshot_xmin(pg_current_snapshot())
- ORDER BY tx DESC, pos DESC
- LIMIT 1
-
--- name: notify
-SELECT pg_notify('pgstate_events', %(payload)s)
-
 -- name: listen
 LISTEN pgstate_events
 
 -- name: set_notify_mode
 SELECT pgstate.set_notify_mode_v1(%(mode)s)
-
--- name: notify_mode
-SELECT value FROM pgstate.config WHERE key = 'notify_mode'
 
 -- Committed events that tailing readers cannot see yet, because an older transaction
 -- is still open: how many (up to a cap) and since when.
@@ -72,11 +58,6 @@ SELECT o_epoch, o_tx, o_pos
 -- name: save_checkpoint
 SELECT pgstate.save_checkpoint_v1(%(projection)s, %(member)s, %(epoch)s::bigint,
                                   %(tx)s::xid8, %(pos)s::bigint, %(ttl_ms)s::bigint)
-
--- name: checkpoint
-SELECT tx, pos, owner, epoch, lease_expires_at
-  FROM pgstate.checkpoints
- WHERE projection = %(projection)s AND member = %(member)s
 
 -- name: checkpoints_of
 SELECT member, members, tx, pos
