@@ -16,6 +16,7 @@ from pgstate._connect import libpq_dsn
 from pgstate.fold import Fold
 from pgstate.models import Position, RecordedEvent
 from pgstate.projection import (
+    AsyncInlineProjection,
     InlineProjection,
     Projection,
     ProjectionWorker,
@@ -363,3 +364,37 @@ def test_rebuild_fences_a_live_worker_without_deadlock(fresh_store: Store, fresh
 
     asyncio.run(scenario())
     assert counts(fresh_db) == {"acct-1": (1, 1), "acct-2": (1, 1), "acct-3": (1, 1)}
+
+
+class AsyncTotals(AsyncInlineProjection):
+    types = ("Added",)
+
+    async def apply(self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent) -> None:
+        await conn.execute(
+            "INSERT INTO totals (stream_id, total) VALUES (%s, %s) "
+            "ON CONFLICT (stream_id) DO UPDATE SET total = totals.total + excluded.total",
+            (event.stream_id, event.data["n"]),
+        )
+
+
+def test_async_store_inline_projection_wait_for_and_snapshots(fresh_db: str) -> None:
+    from pgstate import AsyncStore
+
+    with Store(fresh_db) as sync_store:
+        create_totals(sync_store)
+
+    async def scenario() -> None:
+        async with AsyncStore(fresh_db, inline_projections=[AsyncTotals()]) as astore:
+            result = await astore.append("cart-9", [added(4), added(5)])
+            await astore.wait_for(result.last_position, timeout=5)
+            page = await astore.read_all()
+            assert [e.version for e in page.events] == [1, 2]
+            folded = await astore.load_state("cart-9", Sum())
+            assert folded.state == {"total": 9, "count": 2}
+            async with astore.engine.connect() as conn:
+                await astore.append("cart-9", [added(100)], conn=conn)
+                await conn.rollback()
+
+    asyncio.run(scenario())
+    with Store(fresh_db) as sync_store:
+        assert total(sync_store, "cart-9") == 9
