@@ -61,6 +61,7 @@ def run_agent(
                 time.sleep(0.02)
                 continue
             rng.shuffle(candidates)
+            applied_before = sum(report.applied.values())
             for stream_id in candidates:
                 if stop.is_set():
                     break
@@ -68,6 +69,8 @@ def run_agent(
                     _work_on(store, conn, stream_id, role, name, ttl, stall_rate, rng, report)
                 except Rejected as rejection:
                     report.rejected[type(rejection).__name__] += 1
+            if sum(report.applied.values()) == applied_before:
+                time.sleep(0.01)  # every candidate was taken by others: back off a moment
         store.close()
     results.put(report)
 
