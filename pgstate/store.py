@@ -54,6 +54,14 @@ if TYPE_CHECKING:
     from pgstate.machine import Machine
 
 
+# The keyword options of transition() and try_transition(), passed on as they are.
+_NOT_OPTIONS = frozenset({"self", "stream_id", "event", "conn"})
+
+
+def _transition_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in arguments.items() if name not in _NOT_OPTIONS}
+
+
 class _StoreBase:
     def __init__(self, settings: Settings | None, tenant: str | None) -> None:
         self.settings = settings or Settings()
@@ -277,6 +285,23 @@ class Store(_StoreBase):
         instance: Instance = self._call(op, conn, writes=True)
         return instance
 
+    def _transition(
+        self,
+        stream_id: str,
+        event: str,
+        conn: SyncConn | None,
+        *,
+        raise_rejection: bool,
+        options: dict[str, Any],
+    ) -> TransitionResult:
+        with transition_span(stream_id, event) as span:
+            options["traceparent"] = options["traceparent"] or span.traceparent
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, raise_rejection=raise_rejection, **options
+            )
+            result: TransitionResult = span.record(self._call(op, conn, writes=True))
+            return result
+
     def transition(
         self,
         stream_id: str,
@@ -299,28 +324,9 @@ class Store(_StoreBase):
     ) -> TransitionResult:
         """Apply ``event`` to the instance, or raise the typed rejection. The stored
         event's type is ``record_as`` if given, else the event's name."""
-        with transition_span(stream_id, event) as span:
-            op = _machine_ops.transition(
-                self.tenant,
-                stream_id,
-                event,
-                expected_state=expected_state,
-                expected_version=expected_version,
-                lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key,
-                actor=actor,
-                reason=reason,
-                data=data,
-                release_lease=release_lease,
-                event_id=event_id,
-                causation_id=causation_id,
-                correlation_id=correlation_id,
-                traceparent=traceparent or span.traceparent,
-                raise_rejection=True,
-                record_as=record_as,
-            )
-            result: TransitionResult = span.record(self._call(op, conn, writes=True))
-            return result
+        return self._transition(
+            stream_id, event, conn, raise_rejection=True, options=_transition_options(locals())
+        )
 
     def try_transition(
         self,
@@ -344,28 +350,9 @@ class Store(_StoreBase):
     ) -> TransitionResult:
         """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
         the typed error in ``error``) and recorded for audit instead of raised."""
-        with transition_span(stream_id, event) as span:
-            op = _machine_ops.transition(
-                self.tenant,
-                stream_id,
-                event,
-                expected_state=expected_state,
-                expected_version=expected_version,
-                lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key,
-                actor=actor,
-                reason=reason,
-                data=data,
-                release_lease=release_lease,
-                event_id=event_id,
-                causation_id=causation_id,
-                correlation_id=correlation_id,
-                traceparent=traceparent or span.traceparent,
-                raise_rejection=False,
-                record_as=record_as,
-            )
-            result: TransitionResult = span.record(self._call(op, conn, writes=True))
-            return result
+        return self._transition(
+            stream_id, event, conn, raise_rejection=False, options=_transition_options(locals())
+        )
 
     def acquire_lease(
         self, stream_id: str, owner: str, ttl: timedelta, *, conn: SyncConn | None = None
@@ -648,6 +635,23 @@ class AsyncStore(_StoreBase):
         instance: Instance = await self._call(op, conn, writes=True)
         return instance
 
+    async def _transition(
+        self,
+        stream_id: str,
+        event: str,
+        conn: AsyncConn | None,
+        *,
+        raise_rejection: bool,
+        options: dict[str, Any],
+    ) -> TransitionResult:
+        with transition_span(stream_id, event) as span:
+            options["traceparent"] = options["traceparent"] or span.traceparent
+            op = _machine_ops.transition(
+                self.tenant, stream_id, event, raise_rejection=raise_rejection, **options
+            )
+            result: TransitionResult = span.record(await self._call(op, conn, writes=True))
+            return result
+
     async def transition(
         self,
         stream_id: str,
@@ -670,28 +674,9 @@ class AsyncStore(_StoreBase):
     ) -> TransitionResult:
         """Apply ``event`` to the instance, or raise the typed rejection. The stored
         event's type is ``record_as`` if given, else the event's name."""
-        with transition_span(stream_id, event) as span:
-            op = _machine_ops.transition(
-                self.tenant,
-                stream_id,
-                event,
-                expected_state=expected_state,
-                expected_version=expected_version,
-                lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key,
-                actor=actor,
-                reason=reason,
-                data=data,
-                release_lease=release_lease,
-                event_id=event_id,
-                causation_id=causation_id,
-                correlation_id=correlation_id,
-                traceparent=traceparent or span.traceparent,
-                raise_rejection=True,
-                record_as=record_as,
-            )
-            result: TransitionResult = span.record(await self._call(op, conn, writes=True))
-            return result
+        return await self._transition(
+            stream_id, event, conn, raise_rejection=True, options=_transition_options(locals())
+        )
 
     async def try_transition(
         self,
@@ -715,28 +700,9 @@ class AsyncStore(_StoreBase):
     ) -> TransitionResult:
         """Like :meth:`transition`, but a rejection is returned (``outcome='rejected'``,
         the typed error in ``error``) and recorded for audit instead of raised."""
-        with transition_span(stream_id, event) as span:
-            op = _machine_ops.transition(
-                self.tenant,
-                stream_id,
-                event,
-                expected_state=expected_state,
-                expected_version=expected_version,
-                lease_epoch=lease_epoch,
-                idempotency_key=idempotency_key,
-                actor=actor,
-                reason=reason,
-                data=data,
-                release_lease=release_lease,
-                event_id=event_id,
-                causation_id=causation_id,
-                correlation_id=correlation_id,
-                traceparent=traceparent or span.traceparent,
-                raise_rejection=False,
-                record_as=record_as,
-            )
-            result: TransitionResult = span.record(await self._call(op, conn, writes=True))
-            return result
+        return await self._transition(
+            stream_id, event, conn, raise_rejection=False, options=_transition_options(locals())
+        )
 
     async def acquire_lease(
         self, stream_id: str, owner: str, ttl: timedelta, *, conn: AsyncConn | None = None
