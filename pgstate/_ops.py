@@ -95,7 +95,7 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
             event = NewEvent.model_validate(event)
         if not isinstance(event, NewEvent):
             raise InvalidInput("events must be NewEvent instances", detail={"field": "events"})
-        size = len(event.data_json.encode()) + len(event.metadata_json.encode())
+        size = event.encoded_size
         if size > settings.max_event_bytes:
             raise InvalidInput(
                 f"event {event.type!r} is {size} bytes, over the limit of "
@@ -144,6 +144,8 @@ def append_statement(
     actor: str | None,
     traceparent: str | None,
 ) -> Statement:
+    if len(events) == 1:
+        return append_one_statement(tenant, stream_id, events[0], expected, actor, traceparent)
     # Unused optional columns go as NULL (cheapest to send); unnest pads them with NULLs.
     metadata = [e.metadata_json for e in events]
     return Statement(
@@ -165,6 +167,35 @@ def append_statement(
             "correlation_ids": None
             if all(e.correlation_id is None for e in events)
             else [e.correlation_id for e in events],
+            "actor": actor,
+            "traceparent": traceparent,
+        },
+    )
+
+
+def append_one_statement(
+    tenant: str,
+    stream_id: str,
+    event: NewEvent,
+    expected: int,
+    actor: str | None,
+    traceparent: str | None,
+) -> Statement:
+    # The common single-event call, as scalars: no arrays to dump or unpack.
+    metadata = event.metadata_json
+    return Statement(
+        query("append_one"),
+        {
+            "tenant": tenant,
+            "stream_id": stream_id,
+            "expected": expected,
+            "event_id": event.event_id,
+            "type": event.type,
+            "data": event.data_json,
+            "metadata": None if metadata == "{}" else metadata,
+            "schema_version": None if event.schema_version == 1 else event.schema_version,
+            "causation_id": event.causation_id,
+            "correlation_id": event.correlation_id,
             "actor": actor,
             "traceparent": traceparent,
         },

@@ -55,9 +55,17 @@ class TransitionSpan:
         return result
 
 
+# Without OpenTelemetry every write shares this one: no generator, no span object.
+_NO_SPAN: contextlib.AbstractContextManager[TransitionSpan] = contextlib.nullcontext(
+    TransitionSpan(None)
+)
+
+
 def transition_span(
     stream_id: str, event: str
 ) -> contextlib.AbstractContextManager[TransitionSpan]:
+    if trace is None:
+        return _NO_SPAN
     return operation_span(
         "pgstate.transition", {"pgstate.stream_id": stream_id, "pgstate.event": event}
     )
@@ -66,6 +74,8 @@ def transition_span(
 def append_span(
     stream_id: str, events: object
 ) -> contextlib.AbstractContextManager[TransitionSpan]:
+    if trace is None:
+        return _NO_SPAN
     # events is not validated yet: the append itself rejects what is not a list.
     count = len(events) if isinstance(events, list | tuple) else 0
     return operation_span(

@@ -14,9 +14,8 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-_TYPE_NAME = re.compile(r"^[^\x00]{1,200}$")
 # A JSON escape of NUL: "\u0000" preceded by an even number of backslashes (so not the
 # text of a literal backslash followed by "u0000").
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -31,19 +30,30 @@ class ExpectedVersion(enum.IntEnum):
     NO_STREAM = 0
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def encode_json(value: Any, what: str) -> str:
     """Strict JSON text for jsonb: no NaN or Infinity, no NUL (jsonb refuses \\u0000)."""
+    return encode_json_sized(value, what)[0]
+
+
+def encode_json_sized(value: Any, what: str) -> tuple[str, int]:
+    """``encode_json`` and the text's size in UTF-8 bytes (the surrogate check encodes it
+    anyway, and the append's size limit needs it)."""
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from None
-    if _NUL_ESCAPE.search(text):
+    # The substring test is the cheap common case; the regex only rules out an escaped
+    # backslash followed by the text "u0000".
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise ValueError(f"{what} contains a NUL character")
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise ValueError(f"{what} contains a lone surrogate, which is not Unicode") from None
-    return text
+    return text, size
 
 
 class NewEvent(BaseModel):
@@ -51,7 +61,7 @@ class NewEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    type: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")
     data: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
@@ -61,20 +71,23 @@ class NewEvent(BaseModel):
 
     _data_json: str = PrivateAttr(default="{}")
     _metadata_json: str = PrivateAttr(default="{}")
-
-    @field_validator("type")
-    @classmethod
-    def _type_has_no_nul(cls, value: str) -> str:
-        if not _TYPE_NAME.match(value):
-            raise ValueError("event type must not contain NUL characters")
-        return value
+    _size: int = PrivateAttr(default=4)
 
     @model_validator(mode="after")
     def _encode(self) -> Self:
         # Encoded once here, so bad payloads fail at construction and appends reuse the text.
-        self._data_json = encode_json(self.data, "event data")
-        self._metadata_json = encode_json(self.metadata, "event metadata")
+        self._data_json, data_size = encode_json_sized(self.data, "event data")
+        if self.metadata:
+            self._metadata_json, metadata_size = encode_json_sized(self.metadata, "event metadata")
+        else:
+            metadata_size = 2
+        self._size = data_size + metadata_size
         return self
+
+    @property
+    def encoded_size(self) -> int:
+        """Bytes of the data and metadata JSON, as the append's size limit counts them."""
+        return self._size
 
     @property
     def data_json(self) -> str:

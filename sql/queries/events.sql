@@ -1,12 +1,21 @@
 -- Statements the Python package runs. Each block starts with "-- name: <name>";
 -- parameters use psycopg's %(name)s style.
 
+-- Arrays go in binary (%(x)b): the text form quotes and escapes every element, which
+-- costs a hundred-event batch more than the append itself.
 -- name: append
 SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
-  FROM pgstate.append_v1(%(tenant)s, %(stream_id)s, %(expected)s, %(event_ids)s::uuid[],
-                         %(types)s::text[], %(data)s::text[], %(metadata)s::text[],
-                         %(schema_versions)s::integer[], %(causation_ids)s::uuid[],
-                         %(correlation_ids)s::uuid[], %(actor)s::jsonb, %(traceparent)s)
+  FROM pgstate.append_v1(%(tenant)s, %(stream_id)s, %(expected)s, %(event_ids)b::uuid[],
+                         %(types)b::text[], %(data)b::text[], %(metadata)b::text[],
+                         %(schema_versions)b::integer[], %(causation_ids)b::uuid[],
+                         %(correlation_ids)b::uuid[], %(actor)s::jsonb, %(traceparent)s)
+
+-- name: append_one
+SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
+  FROM pgstate.append_one_v1(%(tenant)s, %(stream_id)s, %(expected)s, %(event_id)s::uuid,
+                             %(type)s, %(data)s, %(metadata)s, %(schema_version)s::integer,
+                             %(causation_id)s::uuid, %(correlation_id)s::uuid,
+                             %(actor)s::jsonb, %(traceparent)s)
 
 -- name: check_version
 SELECT pgstate.check_version_v1(%(tenant)s, %(stream_id)s, %(expected)s)
