@@ -167,7 +167,9 @@ def transition(
             "causation_id": _uuid(causation_id, "causation_id"),
             "correlation_id": _uuid(correlation_id, "correlation_id"),
             "release_lease": bool(release_lease),
-            "raise": raise_rejection,
+            # A rejection to raise comes back as a row and is raised here: same error,
+            # without an ERROR's abort on the server and exception round on the client.
+            "on_rejection": "return" if raise_rejection else "record",
             "record_as": _optional_text(record_as, "record_as", 200),
         },
     )
@@ -188,6 +190,8 @@ def transition(
     error: Rejected | None = None
     if outcome == "rejected":
         error = REJECTIONS[code](message, sqlstate=code, detail=detail)
+        if raise_rejection:
+            raise error
     return TransitionResult(
         outcome=outcome,
         stream_id=stream_id,

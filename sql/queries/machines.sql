@@ -13,12 +13,12 @@ SELECT o_state, o_version, o_machine_version, o_tx, o_pos, o_deadline_at, o_dupl
 -- name: transition
 SELECT o_outcome, o_code, o_message, o_from_state, o_to_state, o_version, o_tx, o_pos,
        o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail
-  FROM pgstate.transition_v1(%(tenant)s, %(stream_id)s, %(event)s, %(expected_state)s,
+  FROM pgstate.transition_v2(%(tenant)s, %(stream_id)s, %(event)s, %(expected_state)s,
                              %(expected_version)s::bigint, %(idempotency_key)s,
                              %(actor)s::jsonb, %(reason)s, %(data)s::jsonb,
                              %(lease_epoch)s::bigint, %(traceparent)s, %(event_id)s::uuid,
                              %(causation_id)s::uuid, %(correlation_id)s::uuid,
-                             %(release_lease)s, %(raise)s, %(record_as)s)
+                             %(release_lease)s, %(on_rejection)s, %(record_as)s)
 
 -- name: acquire_lease
 SELECT o_epoch, o_expires_at, o_version, o_state
