@@ -17,7 +17,8 @@ Run from the project root:
 
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from sqlalchemy import create_engine
 
 from pgstate import ExpectedVersion, NewEvent, StaleState, Store, TerminalState, VersionConflict
 from pgstate._connect import psycopg_url
-from pgstate.listen import Listener, Relay, set_notify_mode
+from pgstate.listen import Listener, set_notify_mode
 from pgstate.machine import Machine, State
 from pgstate.migrate import upgrade
 from pgstate.models import Position, RecordedEvent
@@ -200,14 +201,26 @@ class PgState(Driver):  # type: ignore[misc]
         on_events: Callable[[list[Event]], None],
         should_stop: Callable[[], bool],
     ) -> None:
-        stop_relay = threading.Event()
-        relay_thread = None
+        relay = None
         if self.notify_mode == "relay":
-            relay = Relay(self.dsn, interval=0.001)
-            relay_thread = threading.Thread(
-                target=relay.run, args=(stop_relay.is_set,), daemon=True
+            # Its own process, as deployed (`pgstate relay`): a thread here would wait for
+            # the GIL behind the listener's decoding.
+            relay = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgstate.cli",
+                    "relay",
+                    "--dsn",
+                    self.dsn,
+                    "--interval",
+                    "0.001",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
             )
-            relay_thread.start()
+            assert relay.stdout is not None
+            relay.stdout.readline()  # connected: from here on it notifies
         listener = Listener(
             self.dsn,
             after=decode(after_position),
@@ -219,9 +232,9 @@ class PgState(Driver):  # type: ignore[misc]
                 on_events([to_event(e) for e in batch])
         finally:
             listener.close()
-            stop_relay.set()
-            if relay_thread is not None:
-                relay_thread.join(timeout=5)
+            if relay is not None:
+                relay.terminate()
+                relay.wait(timeout=5)
 
 
 class PgStateCommitNotify(PgState):

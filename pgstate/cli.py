@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -114,6 +116,20 @@ def _load_projection(target: str) -> Projection:
     return projection
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    """The notification relay alone, in its own process (no GIL shared with a worker)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def connected() -> None:
+        print(f"pgstate relay: connected, checking the head every {args.interval * 1000:g} ms")
+        sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        Relay(_dsn(args), interval=args.interval).run(stop.is_set, connected)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Projections, the deadline sweeper and (in relay mode) the notification relay."""
     dsn = _dsn(args)
@@ -220,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--relay", action="store_true", help="run the NOTIFY relay")
     worker.add_argument("--relay-interval", type=float, default=0.002)
     worker.add_argument("--no-timeouts", action="store_true", help="do not fire deadlines")
+    relay = with_dsn(commands.add_parser("relay", help="run only the NOTIFY relay"))
+    relay.add_argument("--interval", type=float, default=0.002, help="seconds between checks")
     rebuild_cmd = with_dsn(commands.add_parser("rebuild", help="rebuild a projection's table"))
     rebuild_cmd.add_argument("projection", help="MODULE:NAME")
     mode = with_dsn(commands.add_parser("notify-mode", help="set how new events are signalled"))
@@ -239,6 +257,7 @@ HANDLERS = {
     "timeouts": cmd_timeouts,
     "demo": cmd_demo,
     "worker": cmd_worker,
+    "relay": cmd_relay,
     "rebuild": cmd_rebuild,
     "notify-mode": cmd_notify_mode,
 }

@@ -194,11 +194,16 @@ class Relay:
         self.notified = head
         return True
 
-    def run(self, should_stop: Callable[[], bool]) -> None:
+    def run(
+        self, should_stop: Callable[[], bool], on_connect: Callable[[], None] | None = None
+    ) -> None:
+        """Notify until ``should_stop()``; ``on_connect`` runs after each (re)connection."""
         while not should_stop():
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as conn:
                     _prepare_adapters(conn.adapters)
+                    if on_connect is not None:
+                        on_connect()
                     while not should_stop():
                         self.step(conn)
                         time.sleep(self.interval)

@@ -88,3 +88,32 @@ def test_worker_and_rebuild_commands(fresh_db: str) -> None:
         count = conn.execute("SELECT count(*) FROM ticket_board").fetchone()
     assert count == (5,)
     store.close()
+
+
+def test_relay_command_notifies_when_the_head_moves(fresh_db: str) -> None:
+    import signal
+
+    import psycopg
+
+    from pgstate import NewEvent, Store
+    from pgstate._connect import libpq_dsn
+
+    relay = subprocess.Popen(
+        [*PGSTATE, "relay", "--dsn", fresh_db, "--interval", "0.005"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        assert "connected" in relay.stdout.readline()
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as listener:
+            listener.execute("LISTEN pgstate_events")
+            with Store(fresh_db) as store:
+                result = store.append("relay-1", [NewEvent(type="Happened")])
+            payloads = [n.payload for n in listener.notifies(timeout=5.0, stop_after=1)]
+        # The relay names the head it saw: the event just committed.
+        assert payloads == [str(result.last_position)]
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=10) == 0
