@@ -2,7 +2,7 @@
 
 Every call goes through pgstate's public API on one psycopg autocommit connection per
 process, passed as ``conn=``: one round trip per append (``append_v1``) and per transition
-(``transition_v1``, which checks state under the stream's advisory lock and appends the
+(``transition_v2``, which checks state under the stream's advisory lock and appends the
 event in the same transaction).
 
 Two drivers: ``pgstate`` (the default notification mode, ``relay``: writers never NOTIFY;
@@ -96,7 +96,7 @@ def to_event(event: RecordedEvent) -> Event:
 
 class PgState(Driver):  # type: ignore[misc]
     name = "pgstate"
-    description = "pgstate: append_v1 / transition_v1 stored functions under advisory locks"
+    description = "pgstate: append_one_v1 / transition_v2 stored functions under advisory locks"
     backend = "postgres"
     can_transition = True
     can_listen = True
