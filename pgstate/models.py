@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +58,22 @@ def encode_json_sized(value: Any, what: str) -> tuple[str, int]:
     return text, size
 
 
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48 bits of Unix milliseconds, then 74
+    random bits. New ids land at the right edge of the event-id index instead of on a
+    random leaf page, so a large log's index stays cached and writes fewer pages."""
+    millis = time.time_ns() // 1_000_000
+    random_bits = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (millis & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (random_bits >> 62 & 0xFFF) << 64
+        | 0b10 << 62
+        | random_bits & 0x3FFF_FFFF_FFFF_FFFF
+    )
+    return uuid.UUID(int=value)
+
+
 class NewEvent(BaseModel):
     """An event to append. ``event_id`` makes retries idempotent: send the same ids again."""
 
@@ -64,7 +82,7 @@ class NewEvent(BaseModel):
     type: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")
     data: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = Field(default_factory=uuid7)
     schema_version: int = Field(default=1, ge=1)
     causation_id: uuid.UUID | None = None
     correlation_id: uuid.UUID | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from pgstate import START, ExpectedVersion, NewEvent, Position
-from pgstate.models import encode_json
+from pgstate.models import encode_json, uuid7
 
 # --- Position --------------------------------------------------------------------------------
 
@@ -235,3 +236,15 @@ def test_expected_version_values() -> None:
     assert ExpectedVersion(-2) is ExpectedVersion.STREAM_EXISTS
     with pytest.raises(ValueError):
         ExpectedVersion(5)
+
+
+def test_default_event_ids_are_time_ordered_uuid7() -> None:
+    before = time.time_ns() // 1_000_000
+    first = NewEvent(type="A").event_id
+    time.sleep(0.003)
+    second = uuid7()
+    after = time.time_ns() // 1_000_000
+    assert first.version == 7 and first.variant == uuid.RFC_4122
+    assert before <= first.int >> 80 <= after
+    assert first < second  # a later millisecond sorts later
+    assert len({uuid7() for _ in range(10_000)}) == 10_000
