@@ -1,0 +1,164 @@
+"""append_one_v1 (the scalar single-event append) answers every call exactly as append_v1
+with one-element arrays does: same results, same retries, same SQLSTATEs, nothing stored
+on refusal. Each case runs against both functions on twin streams of the same history."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgstate import Store
+from pgstate._connect import libpq_dsn
+from pgstate.triage import Ticket
+
+ONE = """SELECT from_version, to_version, duplicate FROM pgstate.append_one_v1(
+    'default', %(stream)s, %(expected)s, %(id)s, %(type)s, %(data)s, NULL, NULL, NULL, NULL,
+    NULL, NULL)"""
+MANY = """SELECT from_version, to_version, duplicate FROM pgstate.append_v1(
+    'default', %(stream)s, %(expected)s, ARRAY[%(id)s::uuid], ARRAY[%(type)s::text],
+    ARRAY[%(data)s::text], NULL, NULL, NULL, NULL, NULL, NULL)"""
+
+FIRST_ID = uuid.UUID("00000000-0000-7000-8000-000000000001")
+# (name, history appended first as (id, expected), then the call: id, expected, type, data)
+CASES: dict[str, tuple[list[tuple[uuid.UUID, int]], tuple[Any, Any, Any, Any]]] = {
+    "new stream": ([], (uuid.uuid4(), 0, "A", "{}")),
+    "exact version": ([(FIRST_ID, 0)], (uuid.uuid4(), 1, "A", '{"k": 1}')),
+    "any": ([(FIRST_ID, 0)], (uuid.uuid4(), -1, "A", "{}")),
+    "any on a new stream": ([], (uuid.uuid4(), -1, "A", "{}")),
+    "exists": ([(FIRST_ID, 0)], (uuid.uuid4(), -2, "A", "{}")),
+    "exists but missing": ([], (uuid.uuid4(), -2, "A", "{}")),
+    "wrong version": ([(FIRST_ID, 0)], (uuid.uuid4(), 3, "A", "{}")),
+    "no stream but exists": ([(FIRST_ID, 0)], (uuid.uuid4(), 0, "A", "{}")),
+    "retry, exact": ([(FIRST_ID, 0)], (FIRST_ID, 0, "A", "{}")),
+    "retry, any": ([(FIRST_ID, 0)], (FIRST_ID, -1, "A", "{}")),
+    "same id, other body": ([(FIRST_ID, 0)], (FIRST_ID, 0, "A", '{"other": true}')),
+    "empty type": ([], (uuid.uuid4(), 0, "", "{}")),
+    "long type": ([], (uuid.uuid4(), 0, "T" * 201, "{}")),
+    "data not an object": ([], (uuid.uuid4(), 0, "A", "[1]")),
+    "no id": ([], (None, 0, "A", "{}")),
+    "unknown expected": ([], (uuid.uuid4(), -3, "A", "{}")),
+}
+
+
+def twin_id(event_id: uuid.UUID | None, rename: dict[uuid.UUID, uuid.UUID]) -> Any:
+    """The id a twin sends: its own copy of the history's id, a fresh one otherwise."""
+    if event_id is None:
+        return None
+    return rename.get(event_id) or uuid.uuid4()
+
+
+@pytest.fixture
+def sql_conn(pgstate_db: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as connection:
+        yield connection
+
+
+def outcome(conn: psycopg.Connection[Any], statement: str, params: dict[str, Any]) -> Any:
+    try:
+        return conn.execute(statement, params).fetchone()
+    except psycopg.Error as error:
+        return error.sqlstate
+
+
+def stored(conn: psycopg.Connection[Any], stream: str) -> Any:
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM pgstate.events WHERE stream_id = %(s)s),"
+        " (SELECT version FROM pgstate.streams WHERE stream_id = %(s)s)",
+        {"s": stream},
+    ).fetchone()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_append_one_answers_as_append_v1(sql_conn: psycopg.Connection[Any], case: str) -> None:
+    history, (event_id, expected, event_type, data) = CASES[case]
+    answers = []
+    for tag, statement in (("one", ONE), ("many", MANY)):
+        stream = f"parity{tag}-{uuid.uuid4().hex[:8]}"
+        # The twins need distinct ids (ids are unique across the log); a case's own id
+        # maps to the twin's id the same way.
+        rename = {FIRST_ID: uuid.uuid4()}
+        for stored_id, stored_expected in history:
+            params = {"stream": stream, "expected": stored_expected, "type": "A", "data": "{}"}
+            sql_conn.execute(ONE, {**params, "id": rename[stored_id]})
+        before = stored(sql_conn, stream)
+        params = {
+            "stream": stream,
+            "expected": expected,
+            "id": twin_id(event_id, rename),
+            "type": event_type,
+            "data": data,
+        }
+        answer = outcome(sql_conn, statement, params)
+        if isinstance(answer, str):  # refused: nothing changed
+            assert stored(sql_conn, stream) == before, (case, tag)
+        answers.append(answer)
+    assert answers[0] == answers[1], case
+
+
+def test_append_one_expected_outcomes(sql_conn: psycopg.Connection[Any]) -> None:
+    # The parity above could hold with both wrong; pin the main answers down.
+    expected = {
+        "new stream": (1, 1, False),
+        "exact version": (2, 2, False),
+        "exists but missing": "SM004",
+        "wrong version": "SM004",
+        "retry, exact": (1, 1, True),
+        "retry, any": (1, 1, True),
+        "same id, other body": "SM006",
+        "data not an object": "SM012",
+        "no id": "SM012",
+        "unknown expected": "SM012",
+    }
+    for case, answer in expected.items():
+        history, (event_id, version, event_type, data) = CASES[case]
+        stream = f"pinned-{uuid.uuid4().hex[:8]}"
+        rename = {FIRST_ID: uuid.uuid4()}
+        for stored_id, stored_expected in history:
+            sql_conn.execute(
+                ONE,
+                {
+                    "stream": stream,
+                    "expected": stored_expected,
+                    "id": rename[stored_id],
+                    "type": "A",
+                    "data": "{}",
+                },
+            )
+        params = {
+            "stream": stream,
+            "expected": version,
+            "id": twin_id(event_id, rename),
+            "type": event_type,
+            "data": data,
+        }
+        assert outcome(sql_conn, ONE, params) == answer, case
+
+
+def test_append_one_stores_the_row_and_head(sql_conn: psycopg.Connection[Any]) -> None:
+    event_id = uuid.uuid4()
+    sql_conn.execute(
+        ONE, {"stream": "order-77", "expected": 0, "id": event_id, "type": "Placed", "data": "{}"}
+    )
+    row = sql_conn.execute(
+        "SELECT e.category, e.schema_version, e.metadata::text, e.version, s.version,"
+        " s.last_tx = e.tx FROM pgstate.events e JOIN pgstate.streams s"
+        " USING (tenant, stream_id) WHERE e.event_id = %s",
+        (event_id,),
+    ).fetchone()
+    assert row == ("order", 1, "{}", 1, 1, True)
+
+
+def test_append_one_refuses_a_machine_instance(
+    store: Store, sql_conn: psycopg.Connection[Any]
+) -> None:
+    store.register(Ticket)
+    store.create("ticket-parity", Ticket)
+    before = stored(sql_conn, "ticket-parity")
+    params = {"stream": "ticket-parity", "expected": 1, "type": "A", "data": "{}"}
+    assert outcome(sql_conn, ONE, {**params, "id": uuid.uuid4()}) == "SM012"
+    assert outcome(sql_conn, MANY, {**params, "id": uuid.uuid4()}) == "SM012"
+    assert stored(sql_conn, "ticket-parity") == before
