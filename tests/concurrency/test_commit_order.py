@@ -226,6 +226,9 @@ def test_multi_stream_writer_keeps_per_stream_order(
         first = store.append("b-1", event("First"), conn=y)
         y.commit()
         a, second = x.result(timeout=DEADLINE)
+        # Visible to tailing readers once no older transaction is open anywhere in the
+        # cluster (another session on a shared server can hold that back for a moment).
+        store.wait_for(second.last_position)
         delivered, _ = read_pages(store, None, 10, admin)
 
     assert len(refusals) == 1 if must_refuse else len(refusals) <= 1
