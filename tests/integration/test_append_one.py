@@ -72,29 +72,38 @@ def stored(conn: psycopg.Connection[Any], stream: str) -> Any:
     ).fetchone()
 
 
+def run_case(
+    conn: psycopg.Connection[Any], statement: str, case: str, prefix: str
+) -> tuple[Any, Any, Any]:
+    """Replay the case's history on a new stream, then make its call with ``statement``.
+    Returns the answer and the stream's (event count, version) before and after the call.
+    Each run has ids of its own (ids are unique across the log); the case's repeated id
+    maps to the run's copy of the history's id."""
+    history, (event_id, expected, event_type, data) = CASES[case]
+    stream = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rename = {FIRST_ID: uuid.uuid4()}
+    for stored_id, stored_expected in history:
+        params = {"stream": stream, "expected": stored_expected, "type": "A", "data": "{}"}
+        conn.execute(ONE, {**params, "id": rename[stored_id]})
+    before = stored(conn, stream)
+    params = {
+        "stream": stream,
+        "expected": expected,
+        "id": twin_id(event_id, rename),
+        "type": event_type,
+        "data": data,
+    }
+    answer = outcome(conn, statement, params)
+    return answer, before, stored(conn, stream)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_append_one_answers_as_append_v1(sql_conn: psycopg.Connection[Any], case: str) -> None:
-    history, (event_id, expected, event_type, data) = CASES[case]
     answers = []
     for tag, statement in (("one", ONE), ("many", MANY)):
-        stream = f"parity{tag}-{uuid.uuid4().hex[:8]}"
-        # The twins need distinct ids (ids are unique across the log); a case's own id
-        # maps to the twin's id the same way.
-        rename = {FIRST_ID: uuid.uuid4()}
-        for stored_id, stored_expected in history:
-            params = {"stream": stream, "expected": stored_expected, "type": "A", "data": "{}"}
-            sql_conn.execute(ONE, {**params, "id": rename[stored_id]})
-        before = stored(sql_conn, stream)
-        params = {
-            "stream": stream,
-            "expected": expected,
-            "id": twin_id(event_id, rename),
-            "type": event_type,
-            "data": data,
-        }
-        answer = outcome(sql_conn, statement, params)
+        answer, before, after = run_case(sql_conn, statement, case, f"parity{tag}")
         if isinstance(answer, str):  # refused: nothing changed
-            assert stored(sql_conn, stream) == before, (case, tag)
+            assert after == before, (case, tag)
         answers.append(answer)
     assert answers[0] == answers[1], case
 
@@ -114,28 +123,7 @@ def test_append_one_expected_outcomes(sql_conn: psycopg.Connection[Any]) -> None
         "unknown expected": "SM012",
     }
     for case, answer in expected.items():
-        history, (event_id, version, event_type, data) = CASES[case]
-        stream = f"pinned-{uuid.uuid4().hex[:8]}"
-        rename = {FIRST_ID: uuid.uuid4()}
-        for stored_id, stored_expected in history:
-            sql_conn.execute(
-                ONE,
-                {
-                    "stream": stream,
-                    "expected": stored_expected,
-                    "id": rename[stored_id],
-                    "type": "A",
-                    "data": "{}",
-                },
-            )
-        params = {
-            "stream": stream,
-            "expected": version,
-            "id": twin_id(event_id, rename),
-            "type": event_type,
-            "data": data,
-        }
-        assert outcome(sql_conn, ONE, params) == answer, case
+        assert run_case(sql_conn, ONE, case, "pinned")[0] == answer, case
 
 
 def test_append_one_stores_the_row_and_head(sql_conn: psycopg.Connection[Any]) -> None:

@@ -75,8 +75,10 @@ def test_record_mode_records_and_raise_mode_raises(
     assert written(sql_conn, door) == (events, rejections + 1, version)
 
 
-def test_rejection_leaves_the_callers_transaction_usable(store: Store, door: str) -> None:
-    with psycopg.connect(libpq_dsn(store.engine.url.render_as_string(False))) as conn:
+def test_rejection_leaves_the_callers_transaction_usable(
+    store: Store, door: str, pgstate_db: str
+) -> None:
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
         with pytest.raises(StaleState) as stale:
             store.transition(door, "go", expected_state="open", conn=conn)
         assert stale.value.current_state == "closed"
