@@ -28,6 +28,7 @@ from pgstate.models import (
     RejectionRecord,
     TransitionResult,
     encode_json,
+    uuid7,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +164,8 @@ def transition(
             "data": _json_object(data, "data"),
             "lease_epoch": lease_epoch,
             "traceparent": _optional_text(traceparent, "traceparent", 512),
-            "event_id": _uuid(event_id, "event_id"),
+            # Time-ordered ids made here: new ids land at the event-id index's right edge.
+            "event_id": _uuid(event_id, "event_id") or uuid7(),
             "causation_id": _uuid(causation_id, "causation_id"),
             "correlation_id": _uuid(correlation_id, "correlation_id"),
             "release_lease": bool(release_lease),

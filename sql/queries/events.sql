@@ -12,7 +12,7 @@ SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
 
 -- name: append_one
 SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
-  FROM pgstate.append_one_v1(%(tenant)s, %(stream_id)s, %(expected)s, %(event_id)s::uuid,
+  FROM pgstate.append_one_v2(%(tenant)s, %(stream_id)s, %(expected)s, %(event_id)s::uuid,
                              %(type)s, %(data)s, %(metadata)s, %(schema_version)s::integer,
                              %(causation_id)s::uuid, %(correlation_id)s::uuid,
                              %(actor)s::jsonb, %(traceparent)s)

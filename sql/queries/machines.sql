@@ -11,9 +11,9 @@ SELECT o_state, o_version, o_machine_version, o_tx, o_pos, o_deadline_at, o_dupl
                          %(causation_id)s::uuid, %(correlation_id)s::uuid, %(traceparent)s)
 
 -- name: transition
-SELECT o_outcome, o_code, o_message, o_from_state, o_to_state, o_version, o_tx, o_pos,
-       o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail
-  FROM pgstate.transition_v2(%(tenant)s, %(stream_id)s, %(event)s, %(expected_state)s,
+SELECT outcome, code, message, from_state, to_state, version, tx, pos, lease_epoch,
+       deadline_at, lock_wait_us, detail
+  FROM pgstate.transition_v3(%(tenant)s, %(stream_id)s, %(event)s, %(expected_state)s,
                              %(expected_version)s::bigint, %(idempotency_key)s,
                              %(actor)s::jsonb, %(reason)s, %(data)s::jsonb,
                              %(lease_epoch)s::bigint, %(traceparent)s, %(event_id)s::uuid,

@@ -249,19 +249,23 @@ BEGIN
 END;
 $$;
 
--- append_one_v1: append_v1 for one event, the common call, with scalar arguments (no arrays
+-- The row append_one_v2 returns (a declared type: see transition_outcome).
+CREATE TYPE pgstate.append_outcome AS (
+    from_version bigint, to_version bigint, tx xid8, first_pos bigint, last_pos bigint,
+    duplicate boolean);
+
+-- append_one_v2: append_v1 for one event, the common call, with scalar arguments (no arrays
 -- to build, send and unpack, and no per-array checks). It handles the plain case itself: a
 -- well-formed event, a stream that is not a machine instance, the expected version met
 -- and, for "any" and "exists", an event id not stored yet. Everything else (bad input, a
 -- conflict, a retry, a writer-order refusal) goes to append_v1, which answers it exactly
 -- as it would have answered the batch of one.
-CREATE FUNCTION pgstate.append_one_v1(
+CREATE FUNCTION pgstate.append_one_v2(
     p_tenant text, p_stream_id text, p_expected bigint,
     p_event_id uuid, p_type text, p_data text, p_metadata text,
     p_schema_version integer, p_causation_id uuid, p_correlation_id uuid,
-    p_actor jsonb, p_traceparent text,
-    OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
-    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+    p_actor jsonb, p_traceparent text)
+RETURNS pgstate.append_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
@@ -270,12 +274,18 @@ DECLARE
     v_current bigint;
     v_machine text;
     v_last_tx xid8;
+    v_tx xid8;
+    v_pos bigint;
+    v_result pgstate.append_outcome;
 BEGIN
     IF length(p_tenant) BETWEEN 1 AND 100 AND length(p_stream_id) BETWEEN 1 AND 200
        AND p_expected >= -2 AND p_event_id IS NOT NULL AND length(p_type) BETWEEN 1 AND 200
        AND left(ltrim(p_data, E' \t\n\r'), 1) = '{'
        AND left(ltrim(coalesce(p_metadata, '{}'), E' \t\n\r'), 1) = '{' THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
+        IF NOT pg_try_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0))
+        THEN
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
+        END IF;
         SELECT s.version, s.machine, s.last_tx INTO v_current, v_machine, v_last_tx
           FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
@@ -293,24 +303,21 @@ BEGIN
                     p_type, coalesce(p_schema_version, 1), p_data::jsonb,
                     coalesce(p_metadata::jsonb, '{}'::jsonb), p_event_id, p_causation_id,
                     p_correlation_id, p_actor, p_traceparent)
-            RETURNING pos, events.tx INTO first_pos, tx;
+            RETURNING pos, events.tx INTO v_pos, v_tx;
             IF v_current = 0 THEN
                 INSERT INTO pgstate.streams (tenant, stream_id, category, version)
                 VALUES (p_tenant, p_stream_id, split_part(p_stream_id, '-', 1), 1);
             ELSE
                 UPDATE pgstate.streams
-                   SET version = v_current + 1, updated_at = clock_timestamp(), last_tx = tx
+                   SET version = v_current + 1, updated_at = clock_timestamp(), last_tx = v_tx
                  WHERE tenant = p_tenant AND stream_id = p_stream_id;
             END IF;
-            from_version := v_current + 1;
-            to_version := from_version;
-            last_pos := first_pos;
-            duplicate := false;
-            RETURN;
+            RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false)
+                   ::pgstate.append_outcome;
         END IF;
     END IF;
     SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate
-      INTO from_version, to_version, tx, first_pos, last_pos, duplicate
+      INTO v_result
       FROM pgstate.append_v1(p_tenant, p_stream_id, p_expected, ARRAY[p_event_id],
                              ARRAY[p_type], ARRAY[p_data],
                              CASE WHEN p_metadata IS NOT NULL THEN ARRAY[p_metadata] END,
@@ -321,5 +328,23 @@ BEGIN
                              CASE WHEN p_correlation_id IS NOT NULL
                                   THEN ARRAY[p_correlation_id] END,
                              p_actor, p_traceparent) a;
+    RETURN v_result;
 END;
+$$;
+
+-- append_one_v1: append_one_v2 with OUT parameters, as the first release had it; kept for
+-- SQL callers and for application code deployed before append_one_v2.
+CREATE FUNCTION pgstate.append_one_v1(
+    p_tenant text, p_stream_id text, p_expected bigint,
+    p_event_id uuid, p_type text, p_data text, p_metadata text,
+    p_schema_version integer, p_causation_id uuid, p_correlation_id uuid,
+    p_actor jsonb, p_traceparent text,
+    OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
+    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM pgstate.append_one_v2(
+        p_tenant, p_stream_id, p_expected, p_event_id, p_type, p_data, p_metadata,
+        p_schema_version, p_causation_id, p_correlation_id, p_actor, p_traceparent);
 $$;

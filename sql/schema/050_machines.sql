@@ -29,6 +29,9 @@ CREATE TABLE pgstate.machine_edges (
     to_state       text    NOT NULL,
     requires_lease boolean NOT NULL DEFAULT false,
     guard          jsonb,
+    -- The target state's timeout, copied here so that a transition finds its edge and the
+    -- deadline it sets in one lookup.
+    to_timeout     interval,
     PRIMARY KEY (name, version, from_state, event),
     FOREIGN KEY (name, version, from_state) REFERENCES pgstate.machine_states (name, version, state),
     FOREIGN KEY (name, version, to_state) REFERENCES pgstate.machine_states (name, version, state)

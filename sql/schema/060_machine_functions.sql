@@ -44,11 +44,15 @@ BEGIN
            s.value ->> 'on_timeout'
       FROM jsonb_each(p_definition -> 'states') s;
     INSERT INTO pgstate.machine_edges (name, version, from_state, event, to_state,
-                                       requires_lease, guard)
+                                       requires_lease, guard, to_timeout)
     SELECT p_name, o_version, e ->> 'from', e ->> 'event', e ->> 'to',
            coalesce((e ->> 'requires_lease')::boolean, false),
-           CASE WHEN jsonb_typeof(e -> 'guard') = 'object' THEN e -> 'guard' END
-      FROM jsonb_array_elements(p_definition -> 'edges') e;
+           CASE WHEN jsonb_typeof(e -> 'guard') = 'object' THEN e -> 'guard' END,
+           target.timeout
+      FROM jsonb_array_elements(p_definition -> 'edges') e
+      LEFT JOIN pgstate.machine_states target
+             ON target.name = p_name AND target.version = o_version
+            AND target.state = e ->> 'to';
 END;
 $$;
 

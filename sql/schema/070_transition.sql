@@ -1,4 +1,11 @@
--- transition_v2: one state-machine step, checked and applied in one transaction.
+-- The row transition_v3 returns. A declared type rather than OUT parameters: for OUT
+-- parameters the server rebuilds the result's row type from the catalog on every call.
+CREATE TYPE pgstate.transition_outcome AS (
+    outcome text, code text, message text, from_state text, to_state text, version bigint,
+    tx xid8, pos bigint, lease_epoch bigint, deadline_at timestamptz, lock_wait_us bigint,
+    detail jsonb);
+
+-- transition_v3: one state-machine step, checked and applied in one transaction.
 -- Check order (the design): stream lock; idempotency key; instance; terminal state;
 -- deadline; lease and fencing epoch; expected state and version; legal edge; guard.
 -- p_event_type names the stored event (default: the machine event's name).
@@ -6,22 +13,31 @@
 -- 'rejected') and records it for audit; 'return' only returns it, writing nothing. The
 -- Python client uses 'return' and raises the typed error itself: an ERROR would cost the
 -- server an abort and the client an exception round, for the same information.
-CREATE FUNCTION pgstate.transition_v2(
+CREATE FUNCTION pgstate.transition_v3(
     p_tenant text, p_stream_id text, p_event text,
     p_expected_state text, p_expected_version bigint,
     p_idempotency_key text, p_actor jsonb, p_reason text, p_data jsonb,
     p_lease_epoch bigint, p_traceparent text,
     p_event_id uuid, p_causation_id uuid, p_correlation_id uuid,
-    p_release_lease boolean, p_on_rejection text, p_event_type text,
-    OUT o_outcome text, OUT o_code text, OUT o_message text,
-    OUT o_from_state text, OUT o_to_state text, OUT o_version bigint,
-    OUT o_tx xid8, OUT o_pos bigint, OUT o_lease_epoch bigint,
-    OUT o_deadline_at timestamptz, OUT o_lock_wait_us bigint, OUT o_detail jsonb)
+    p_release_lease boolean, p_on_rejection text, p_event_type text)
+RETURNS pgstate.transition_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
 AS $$
 DECLARE
+    o_outcome        text;
+    o_code           text;
+    o_message        text;
+    o_from_state     text;
+    o_to_state       text;
+    o_version        bigint;
+    o_tx             xid8;
+    o_pos            bigint;
+    o_lease_epoch    bigint;
+    o_deadline_at    timestamptz;
+    o_lock_wait_us   bigint;
+    o_detail         jsonb;
     v_started        timestamptz;
     v_now            timestamptz;
     v_hash           text;
@@ -84,7 +100,10 @@ BEGIN
     END IF;
 
     v_started := clock_timestamp();
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
+    -- A free lock is taken in an expression, with no statement to run; only a busy one waits.
+    IF NOT pg_try_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0)) THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
+    END IF;
     v_now := clock_timestamp();
     o_lock_wait_us := (extract(epoch FROM v_now - v_started) * 1000000)::bigint;
 
@@ -109,7 +128,9 @@ BEGIN
                     o_pos := (v_stored ->> 'pos')::bigint;
                     o_lease_epoch := (v_stored ->> 'lease_epoch')::bigint;
                     o_deadline_at := (v_stored ->> 'deadline_at')::timestamptz;
-                    RETURN;
+                    RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
+                            o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+                           ::pgstate.transition_outcome;
                 END IF;
                 o_code := 'SM006';
                 o_message := format('idempotency key %s was used for a different request',
@@ -118,32 +139,42 @@ BEGIN
             END IF;
         END IF;
 
-        -- 2. The instance and its current state's rules.
-        -- One statement for the head row and the rules of its current state and event.
+        -- 2. The instance, and the edge this event takes from its current state (with the
+        -- target state's timeout copied onto the edge): one two-table lookup.
         SELECT s.state, s.version, s.category, s.machine, s.machine_version,
                s.lease_owner, s.lease_epoch, s.lease_expires_at, s.deadline_at, s.archived,
-               s.last_tx, st.final, st.on_timeout, e.requires_lease, e.guard, target.timeout,
-               e.to_state, e.event IS NOT NULL
+               s.last_tx, e.requires_lease, e.guard, e.to_timeout, e.to_state,
+               e.event IS NOT NULL
           INTO v_state, v_version, v_category, v_machine, v_machine_version,
-               v_owner, v_epoch, v_expires, v_deadline, v_archived, v_last_tx, v_final,
-               v_on_timeout, v_requires_lease, v_guard, v_target_timeout, o_to_state,
-               v_edge_found
+               v_owner, v_epoch, v_expires, v_deadline, v_archived, v_last_tx,
+               v_requires_lease, v_guard, v_target_timeout, o_to_state, v_edge_found
           FROM pgstate.streams s
-          LEFT JOIN pgstate.machine_states st
-                 ON st.name = s.machine AND st.version = s.machine_version
-                AND st.state = s.state
           LEFT JOIN pgstate.machine_edges e
-                 ON e.name = st.name AND e.version = st.version
-                AND e.from_state = st.state AND e.event = p_event
-          LEFT JOIN pgstate.machine_states target
-                 ON target.name = e.name AND target.version = e.version
-                AND target.state = e.to_state
+                 ON e.name = s.machine AND e.version = s.machine_version
+                AND e.from_state = s.state AND e.event = p_event
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-        v_found := FOUND;
+        -- The common request (a legal edge, no deadline passed, no lease involved, no
+        -- guard, the expected state and version met) passes every check below: skip them.
+        IF v_edge_found AND v_guard IS NULL AND NOT v_requires_lease
+           AND p_lease_epoch IS NULL AND (v_owner IS NULL OR v_expires <= v_now)
+           AND (v_deadline IS NULL OR v_deadline > v_now)
+           AND (p_expected_state IS NULL OR p_expected_state = v_state)
+           AND (p_expected_version IS NULL OR p_expected_version = v_version) THEN
+            EXIT checks;
+        END IF;
+        v_found := FOUND;  -- still the SELECT's answer: an IF does not change FOUND
         IF NOT v_found OR v_machine IS NULL THEN
             o_code := 'SM001';
             o_message := format('no state-machine instance %s', p_stream_id);
             EXIT checks;
+        END IF;
+        -- The current state's own rules matter only off the common path: with no edge for
+        -- this event (a final state has none) or with the state's deadline passed.
+        IF NOT v_edge_found OR v_deadline <= v_now THEN
+            SELECT st.final, st.on_timeout INTO v_final, v_on_timeout
+              FROM pgstate.machine_states st
+             WHERE st.name = v_machine AND st.version = v_machine_version
+               AND st.state = v_state;
         END IF;
         IF v_final THEN
             o_code := 'SM008';
@@ -247,7 +278,9 @@ BEGIN
         o_version := (o_detail ->> 'version')::bigint;
         o_lease_epoch := (o_detail ->> 'lease_epoch')::bigint;
         o_deadline_at := (o_detail ->> 'deadline_at')::timestamptz;
-        RETURN;
+        RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
+                o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+               ::pgstate.transition_outcome;
     END IF;
 
     -- 7. Apply: the event, the head row and the idempotency row, all in this transaction.
@@ -296,7 +329,33 @@ BEGIN
                                    'version', o_version, 'tx', o_tx::text, 'pos', o_pos,
                                    'lease_epoch', o_lease_epoch, 'deadline_at', o_deadline_at));
     END IF;
+    RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
+            o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+           ::pgstate.transition_outcome;
 END;
+$$;
+
+-- transition_v2: transition_v3 with OUT parameters, as the second release had it; kept for
+-- SQL callers and for application code deployed before transition_v3.
+CREATE FUNCTION pgstate.transition_v2(
+    p_tenant text, p_stream_id text, p_event text,
+    p_expected_state text, p_expected_version bigint,
+    p_idempotency_key text, p_actor jsonb, p_reason text, p_data jsonb,
+    p_lease_epoch bigint, p_traceparent text,
+    p_event_id uuid, p_causation_id uuid, p_correlation_id uuid,
+    p_release_lease boolean, p_on_rejection text, p_event_type text,
+    OUT o_outcome text, OUT o_code text, OUT o_message text,
+    OUT o_from_state text, OUT o_to_state text, OUT o_version bigint,
+    OUT o_tx xid8, OUT o_pos bigint, OUT o_lease_epoch bigint,
+    OUT o_deadline_at timestamptz, OUT o_lock_wait_us bigint, OUT o_detail jsonb)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM pgstate.transition_v3(
+        p_tenant, p_stream_id, p_event, p_expected_state, p_expected_version,
+        p_idempotency_key, p_actor, p_reason, p_data, p_lease_epoch, p_traceparent,
+        p_event_id, p_causation_id, p_correlation_id, p_release_lease, p_on_rejection,
+        p_event_type);
 $$;
 
 -- transition_v1: transition_v2 with a boolean choice between raising a rejection and
