@@ -9,6 +9,10 @@
 --   state's timeout is copied onto the edge) and skips the rejection checks when the
 --   request plainly passes them; the current state's own rules are read only when needed.
 -- * transition_v2 and append_one_v1 become thin wrappers, kept for older callers.
+-- * The write functions plan with sequential and bitmap scans off: every statement in them
+--   is a keyed lookup, and a plan made while a table was a few pages (a seq scan) stayed
+--   cached for the session, costing more than the rest of the call once the table grew.
+-- * The id probe of append_one runs only for "any" and "exists", as its own statement.
 -- * The version CHECK constraints go: each was rebuilt from its stored text in every
 --   INSERT and UPDATE, and the write functions already guarantee versions >= 1 (the
 --   UNIQUE (tenant, stream_id, version) constraint stays the real guard).
@@ -21,6 +25,13 @@ UPDATE pgstate.machine_edges e
    SET to_timeout = target.timeout
   FROM pgstate.machine_states target
  WHERE target.name = e.name AND target.version = e.version AND target.state = e.to_state;
+
+ALTER FUNCTION pgstate.append_v1(text, text, bigint, uuid[], text[], text[], text[], integer[],
+                                 uuid[], uuid[], jsonb, text)
+    SET enable_seqscan = off;
+ALTER FUNCTION pgstate.append_v1(text, text, bigint, uuid[], text[], text[], text[], integer[],
+                                 uuid[], uuid[], jsonb, text)
+    SET enable_bitmapscan = off;
 
 -- register_machine_v1: store a compiled definition. The same definition as the newest
 -- version is a no-op; anything else becomes the next version.
@@ -106,6 +117,10 @@ RETURNS pgstate.transition_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
+-- Every statement here is a keyed lookup: a young table's few pages must not get a scan
+-- plan cached for the session.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     o_outcome        text;
@@ -460,6 +475,10 @@ RETURNS pgstate.append_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
+-- Every statement here is a keyed lookup: a young table's few pages must not get a scan
+-- plan cached for the session.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_current bigint;
@@ -468,6 +487,7 @@ DECLARE
     v_tx xid8;
     v_pos bigint;
     v_result pgstate.append_outcome;
+    v_plain boolean;
 BEGIN
     IF length(p_tenant) BETWEEN 1 AND 100 AND length(p_stream_id) BETWEEN 1 AND 200
        AND p_expected >= -2 AND p_event_id IS NOT NULL AND length(p_type) BETWEEN 1 AND 200
@@ -480,12 +500,16 @@ BEGIN
         SELECT s.version, s.machine, s.last_tx INTO v_current, v_machine, v_last_tx
           FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-        IF v_machine IS NULL
-           AND (coalesce(v_current, 0) = p_expected
-                OR (p_expected = -1 OR (p_expected = -2 AND v_current IS NOT NULL))
-                   AND NOT EXISTS (SELECT 1 FROM pgstate.events e
-                                    WHERE e.event_id = p_event_id))
-           AND coalesce(v_last_tx <= pg_current_xact_id(), true) THEN
+        v_plain := v_machine IS NULL AND coalesce(v_last_tx <= pg_current_xact_id(), true);
+        -- The id probe is its own statement, run only for "any" and "exists": inside the
+        -- expression above it made every call plan a custom plan (the planner folds the
+        -- probe away when the version matches, so the generic plan always looked dearer).
+        IF v_plain AND coalesce(v_current, 0) <> p_expected THEN
+            v_plain := (p_expected = -1 OR (p_expected = -2 AND v_current IS NOT NULL))
+                       AND NOT EXISTS (SELECT 1 FROM pgstate.events e
+                                        WHERE e.event_id = p_event_id);
+        END IF;
+        IF v_plain THEN
             v_current := coalesce(v_current, 0);
             INSERT INTO pgstate.events (tenant, stream_id, version, category, type,
                                         schema_version, data, metadata, event_id,

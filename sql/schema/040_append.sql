@@ -59,6 +59,10 @@ CREATE FUNCTION pgstate.append_v1(
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
+-- Every statement here is a keyed lookup: a young table's few pages must not get a scan
+-- plan cached for the session.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_count   integer := coalesce(cardinality(p_event_ids), 0);
@@ -269,6 +273,10 @@ RETURNS pgstate.append_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
+-- Every statement here is a keyed lookup: a young table's few pages must not get a scan
+-- plan cached for the session.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_current bigint;
@@ -277,6 +285,7 @@ DECLARE
     v_tx xid8;
     v_pos bigint;
     v_result pgstate.append_outcome;
+    v_plain boolean;
 BEGIN
     IF length(p_tenant) BETWEEN 1 AND 100 AND length(p_stream_id) BETWEEN 1 AND 200
        AND p_expected >= -2 AND p_event_id IS NOT NULL AND length(p_type) BETWEEN 1 AND 200
@@ -289,12 +298,16 @@ BEGIN
         SELECT s.version, s.machine, s.last_tx INTO v_current, v_machine, v_last_tx
           FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-        IF v_machine IS NULL
-           AND (coalesce(v_current, 0) = p_expected
-                OR (p_expected = -1 OR (p_expected = -2 AND v_current IS NOT NULL))
-                   AND NOT EXISTS (SELECT 1 FROM pgstate.events e
-                                    WHERE e.event_id = p_event_id))
-           AND coalesce(v_last_tx <= pg_current_xact_id(), true) THEN
+        v_plain := v_machine IS NULL AND coalesce(v_last_tx <= pg_current_xact_id(), true);
+        -- The id probe is its own statement, run only for "any" and "exists": inside the
+        -- expression above it made every call plan a custom plan (the planner folds the
+        -- probe away when the version matches, so the generic plan always looked dearer).
+        IF v_plain AND coalesce(v_current, 0) <> p_expected THEN
+            v_plain := (p_expected = -1 OR (p_expected = -2 AND v_current IS NOT NULL))
+                       AND NOT EXISTS (SELECT 1 FROM pgstate.events e
+                                        WHERE e.event_id = p_event_id);
+        END IF;
+        IF v_plain THEN
             v_current := coalesce(v_current, 0);
             INSERT INTO pgstate.events (tenant, stream_id, version, category, type,
                                         schema_version, data, metadata, event_id,

@@ -24,6 +24,10 @@ RETURNS pgstate.transition_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
+-- Every statement here is a keyed lookup: a young table's few pages must not get a scan
+-- plan cached for the session.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     o_outcome        text;

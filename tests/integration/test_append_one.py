@@ -1,6 +1,7 @@
-"""append_one_v1 (the scalar single-event append) answers every call exactly as append_v1
-with one-element arrays does: same results, same retries, same SQLSTATEs, nothing stored
-on refusal. Each case runs against both functions on twin streams of the same history."""
+"""append_one_v2 (the scalar single-event append) and its wrapper append_one_v1 answer every
+call exactly as append_v1 with one-element arrays does: same results, same retries, same
+SQLSTATEs, nothing stored on refusal. Each case runs against every function on twin streams
+of the same history."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pgstate.triage import Ticket
 ONE = """SELECT from_version, to_version, duplicate FROM pgstate.append_one_v1(
     'default', %(stream)s, %(expected)s, %(id)s, %(type)s, %(data)s, NULL, NULL, NULL, NULL,
     NULL, NULL)"""
+ONE_V2 = ONE.replace("append_one_v1", "append_one_v2")
 MANY = """SELECT from_version, to_version, duplicate FROM pgstate.append_v1(
     'default', %(stream)s, %(expected)s, ARRAY[%(id)s::uuid], ARRAY[%(type)s::text],
     ARRAY[%(data)s::text], NULL, NULL, NULL, NULL, NULL, NULL)"""
@@ -100,12 +102,12 @@ def run_case(
 @pytest.mark.parametrize("case", list(CASES))
 def test_append_one_answers_as_append_v1(sql_conn: psycopg.Connection[Any], case: str) -> None:
     answers = []
-    for tag, statement in (("one", ONE), ("many", MANY)):
+    for tag, statement in (("one", ONE), ("two", ONE_V2), ("many", MANY)):
         answer, before, after = run_case(sql_conn, statement, case, f"parity{tag}")
         if isinstance(answer, str):  # refused: nothing changed
             assert after == before, (case, tag)
         answers.append(answer)
-    assert answers[0] == answers[1], case
+    assert answers[0] == answers[1] == answers[2], case
 
 
 def test_append_one_expected_outcomes(sql_conn: psycopg.Connection[Any]) -> None:
