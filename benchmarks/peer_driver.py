@@ -1,8 +1,8 @@
 """pgstate's driver for the shared peer harness (../shared/bench).
 
 Every call goes through pgstate's public API on one psycopg autocommit connection per
-process, passed as ``conn=``: one round trip per append (``append_v1``) and per transition
-(``transition_v2``, which checks state under the stream's advisory lock and appends the
+process, passed as ``conn=``: one round trip per append (``append_one_v2``) and per transition
+(``transition_v3``, which checks state under the stream's advisory lock and appends the
 event in the same transaction).
 
 Two drivers: ``pgstate`` (the default notification mode, ``relay``: writers never NOTIFY;
@@ -96,7 +96,7 @@ def to_event(event: RecordedEvent) -> Event:
 
 class PgState(Driver):  # type: ignore[misc]
     name = "pgstate"
-    description = "pgstate: append_one_v1 / transition_v2 stored functions under advisory locks"
+    description = "pgstate: append_one_v2 / transition_v3 stored functions under advisory locks"
     backend = "postgres"
     can_transition = True
     can_listen = True
@@ -117,6 +117,7 @@ class PgState(Driver):  # type: ignore[misc]
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.store = Store(dsn)
+        self.version_at_conflict: dict[str, int] = {}
 
     def close(self) -> None:
         conn = getattr(self, "conn", None)
@@ -136,10 +137,17 @@ class PgState(Driver):  # type: ignore[misc]
                 stream_id, batch, expected_version=expected(expected_version), conn=self.conn
             )
         except VersionConflict as conflict:
+            # The refusal carries the head row read under the stream lock: the version the
+            # harness asks for next, without another round trip.
+            if conflict.current_version is not None:
+                self.version_at_conflict[stream_id] = conflict.current_version
             raise Conflict(str(conflict)) from None
         return result.version
 
     def current_version(self, stream_id: str) -> int:
+        known = self.version_at_conflict.pop(stream_id, None)
+        if known is not None:
+            return known
         state = self.store.stream_state(stream_id, conn=self.conn)
         return state.version if state is not None else 0
 

@@ -87,33 +87,34 @@ class NewEvent(BaseModel):
     causation_id: uuid.UUID | None = None
     correlation_id: uuid.UUID | None = None
 
-    _data_json: str = PrivateAttr(default="{}")
-    _metadata_json: str = PrivateAttr(default="{}")
-    _size: int = PrivateAttr(default=4)
+    # (data JSON, metadata JSON, their size in bytes): one private attribute, because each
+    # private attribute costs a store at construction and a fallback lookup on every read.
+    # No default: a private attribute's default is copied into every new instance.
+    _encoded: tuple[str, str, int] = PrivateAttr()
 
     @model_validator(mode="after")
     def _encode(self) -> Self:
         # Encoded once here, so bad payloads fail at construction and appends reuse the text.
-        self._data_json, data_size = encode_json_sized(self.data, "event data")
+        data_json, data_size = encode_json_sized(self.data, "event data")
         if self.metadata:
-            self._metadata_json, metadata_size = encode_json_sized(self.metadata, "event metadata")
+            metadata_json, metadata_size = encode_json_sized(self.metadata, "event metadata")
         else:
-            metadata_size = 2
-        self._size = data_size + metadata_size
+            metadata_json, metadata_size = "{}", 2
+        self._encoded = (data_json, metadata_json, data_size + metadata_size)
         return self
 
     @property
     def encoded_size(self) -> int:
         """Bytes of the data and metadata JSON, as the append's size limit counts them."""
-        return self._size
+        return self._encoded[2]
 
     @property
     def data_json(self) -> str:
-        return self._data_json
+        return self._encoded[0]
 
     @property
     def metadata_json(self) -> str:
-        return self._metadata_json
+        return self._encoded[1]
 
 
 class Position(NamedTuple):

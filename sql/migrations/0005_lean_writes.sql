@@ -12,7 +12,8 @@
 -- * The write functions plan with sequential and bitmap scans off: every statement in them
 --   is a keyed lookup, and a plan made while a table was a few pages (a seq scan) stayed
 --   cached for the session, costing more than the rest of the call once the table grew.
--- * The id probe of append_one runs only for "any" and "exists", as its own statement.
+-- * The id probe of append_one runs only for "any" and "exists", as its own statement, and
+--   append_one_v2 refuses a plain version conflict itself instead of handing it to append_v1.
 -- * The version CHECK constraints go: each was rebuilt from its stored text in every
 --   INSERT and UPDATE, and the write functions already guarantee versions >= 1 (the
 --   UNIQUE (tenant, stream_id, version) constraint stays the real guard).
@@ -529,6 +530,19 @@ BEGIN
             END IF;
             RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false)
                    ::pgstate.append_outcome;
+        END IF;
+        -- A plain conflict, refused here exactly as append_v1 refuses it: an exact version
+        -- the stream is not at, by an event whose id is not stored (so not a retry).
+        IF v_machine IS NULL AND p_expected >= 0 AND coalesce(v_current, 0) <> p_expected
+        THEN
+            IF NOT EXISTS (SELECT 1 FROM pgstate.events e WHERE e.event_id = p_event_id) THEN
+                PERFORM pgstate.raise_error('SM004',
+                    format('stream %s is at version %s, expected %s', p_stream_id,
+                           coalesce(v_current, 0),
+                           CASE p_expected WHEN 0 THEN 'no stream' ELSE p_expected::text END),
+                    pgstate.head_json(p_tenant, p_stream_id)
+                        || jsonb_build_object('expected_version', p_expected));
+            END IF;
         END IF;
     END IF;
     SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate

@@ -328,6 +328,19 @@ BEGIN
             RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false)
                    ::pgstate.append_outcome;
         END IF;
+        -- A plain conflict, refused here exactly as append_v1 refuses it: an exact version
+        -- the stream is not at, by an event whose id is not stored (so not a retry).
+        IF v_machine IS NULL AND p_expected >= 0 AND coalesce(v_current, 0) <> p_expected
+        THEN
+            IF NOT EXISTS (SELECT 1 FROM pgstate.events e WHERE e.event_id = p_event_id) THEN
+                PERFORM pgstate.raise_error('SM004',
+                    format('stream %s is at version %s, expected %s', p_stream_id,
+                           coalesce(v_current, 0),
+                           CASE p_expected WHEN 0 THEN 'no stream' ELSE p_expected::text END),
+                    pgstate.head_json(p_tenant, p_stream_id)
+                        || jsonb_build_object('expected_version', p_expected));
+            END IF;
+        END IF;
     END IF;
     SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate
       INTO v_result

