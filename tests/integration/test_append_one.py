@@ -152,3 +152,23 @@ def test_append_one_refuses_a_machine_instance(
     assert outcome(sql_conn, ONE, {**params, "id": uuid.uuid4()}) == "SM012"
     assert outcome(sql_conn, MANY, {**params, "id": uuid.uuid4()}) == "SM012"
     assert stored(sql_conn, "ticket-parity") == before
+
+
+@pytest.mark.parametrize("expected", [0, 3])
+def test_a_conflict_reads_as_append_v1s(sql_conn: psycopg.Connection[Any], expected: int) -> None:
+    # append_one_v2 refuses a plain conflict itself: same message, same head row in detail.
+    stream = f"conflict-{uuid.uuid4().hex[:8]}"
+    first = {"stream": stream, "expected": 0, "id": uuid.uuid4(), "type": "A", "data": "{}"}
+    sql_conn.execute(ONE_V2, first)
+    refusals = []
+    for statement in (ONE_V2, MANY):
+        params = {**first, "expected": expected, "id": uuid.uuid4()}
+        with pytest.raises(psycopg.Error) as refused:
+            sql_conn.execute(statement, params)
+        diagnostic = refused.value.diag
+        refusals.append(
+            (refused.value.sqlstate, diagnostic.message_primary, diagnostic.message_detail)
+        )
+    assert refusals[0] == refusals[1]
+    assert refusals[0][0] == "SM004"
+    assert stored(sql_conn, stream) == (1, 1)
