@@ -88,7 +88,12 @@ PREPARED = {
                                             '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
                                             'return', 'Moved');""",
 }
+# A racer that lost: the compare-and-set finds the state moved on (every instance and raw
+# ticket is in state "a" between runs; these ask for "b").
+PREPARED["raw_transition_lost"] = PREPARED["raw_transition"]
+PREPARED["transition_v3_lost"] = PREPARED["transition_v3"]
 BASELINE_OF = {
+    "transition_v3_lost": "raw_transition_lost",
     "append_one_v2": "raw_append",
     "append_one_v1": "raw_append",
     "append_v1": "raw_append",
@@ -118,6 +123,13 @@ def executions(variant: str, calls: int, run: str) -> list[str]:
         return [f"EXECUTE q('raw-{run}', {n});" for n in range(calls)]
     if variant.startswith("append"):
         return [f"EXECUTE q('bench-{run}', {n}, '{uuid.uuid4()}');" for n in range(calls)]
+    if variant == "raw_transition_lost":
+        return [f"EXECUTE q('b', 'a', {n % INSTANCES + 1});" for n in range(calls)]
+    if variant == "transition_v3_lost":
+        return [
+            f"EXECUTE q('flip-{n % INSTANCES + 1}', 'back', 'b', '{uuid.uuid4()}');"
+            for n in range(calls)
+        ]
     table = "raw" if variant == "raw_transition" else "flip"
     lines: list[str] = []
     for n in range(moves_done[table], moves_done[table] + calls):
@@ -146,7 +158,7 @@ class SingleUser:
             self.uid, self.gid = entry.pw_uid, entry.pw_gid
             os.chown(workdir, entry.pw_uid, entry.pw_gid)
 
-    def instructions(self, script: str, name: str) -> int:
+    def instructions(self, script: str, name: str, rejections: bool = False) -> int:
         path = self.workdir / f"{name}.{uuid.uuid4().hex[:8]}.out"
         options: dict[str, object] = {"input": script, "text": True, "capture_output": True}
         if self.uid is not None:
@@ -165,7 +177,8 @@ class SingleUser:
         ]
         done = subprocess.run(command, **options)  # type: ignore[call-overload]
         # A rejected transition would count a cheaper path than the one measured.
-        if "ERROR" in done.stdout or "ERROR" in done.stderr or '"rejected"' in done.stdout:
+        rejected = '"rejected"' in done.stdout and not rejections
+        if "ERROR" in done.stdout or "ERROR" in done.stderr or rejected:
             raise RuntimeError(f"a statement failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         summary = re.search(r"^(?:summary|totals): (\d+)", path.read_text(), re.MULTILINE)
         if summary is None:
@@ -182,7 +195,8 @@ def per_call(single: SingleUser, variant: str, calls: int) -> float:
         # Single-user mode ends a statement at a newline: the PREPARE goes on one line.
         prepare = " ".join(PREPARED[variant].split())
         script = [prepare, *executions(variant, count, uuid.uuid4().hex[:8])]
-        counts.append(single.instructions("\n".join(script) + "\n", f"{variant}-{count}"))
+        lost = variant.endswith("_lost")
+        counts.append(single.instructions("\n".join(script) + "\n", f"{variant}-{count}", lost))
     return (counts[1] - counts[0]) / calls
 
 

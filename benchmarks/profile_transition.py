@@ -1,4 +1,4 @@
-"""Where the time of one transition goes: round trips, the statements transition_v2 runs,
+"""Where the time of one transition goes: round trips, the statements transition_v3 runs,
 time in lock wait, in the function body, and in the client.
 
 Starts an embedded PostgreSQL with pg_stat_statements (track = all) and function
@@ -23,7 +23,7 @@ from pgstate._embedded import EmbeddedPostgres
 
 STATEMENTS = """
 SELECT calls, mean_exec_time * 1000 AS mean_us, left(regexp_replace(query, '\\s+', ' ', 'g'), 90),
-       query LIKE '%%pgstate.transition_v2(%%' AS top_level
+       query LIKE '%%pgstate.transition_v3(%%' AS top_level
   FROM pg_stat_statements
  WHERE calls >= %(calls)s AND query NOT LIKE '%%pg_stat%%'
  ORDER BY total_exec_time DESC
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     top = [s for s in statements if s[3]]
     nested = [s for s in statements if not s[3]]
-    function_us = next((f[3] for f in functions if f[0] == "transition_v2"), 0.0)
+    function_us = next((f[3] for f in functions if f[0] == "transition_v3"), 0.0)
     print(f"transitions: {args.calls}, sequential, one connection, durable embedded PostgreSQL")
     if top:
         print(f"round trips per transition: {top[0][0] / args.calls:.0f}")
     print(f"client-observed time per transition: {elapsed_us:.0f} us")
-    print(f"  in transition_v2 (server, incl. nested statements): {function_us:.0f} us")
+    print(f"  in transition_v3 (server, incl. nested statements): {function_us:.0f} us")
     print(f"  lock wait (measured inside the function): {sum(lock_waits) / len(lock_waits):.1f} us")
     print(f"  client, driver, network and commit (WAL flush): {elapsed_us - function_us:.0f} us")
-    print(f"statements executed inside transition_v2 per call: {len(nested)}")
+    print(f"statements executed inside transition_v3 per call: {len(nested)}")
     for calls, mean_us, text, _ in nested:
         print(f"  {mean_us:7.1f} us  x{calls / args.calls:.2f}  {text}")
     print("functions (self / total us per call):")

@@ -103,7 +103,7 @@ def measure(store: Store, conn: psycopg.Connection[Any], label: str, calls: int)
         versions[stream] = result.version
 
     appends = timed(calls, append)
-    # Transitions through transition_v2, alternating on/off on 100 instances.
+    # Transitions through transition_v3, alternating on/off on 100 instances.
     instances = [f"toggle-{label}-{n}" for n in range(100)]
     for stream in instances:
         store.create(stream, Toggle, conn=conn)

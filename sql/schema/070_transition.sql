@@ -250,9 +250,16 @@ BEGIN
     END;
 
     IF o_code IS NOT NULL THEN
-        -- The detail carries the head row (as head_json shapes it), built from the row
-        -- already read when there is one.
-        IF v_found THEN
+        -- The detail carries the head row (as head_json shapes it): read here when the
+        -- checks stopped before reading it (an unknown instance, a reused key), else built
+        -- from the row already read. A rejection returns in one expression: each separate
+        -- assignment would be one more expression to prepare in every new transaction.
+        IF NOT v_found THEN
+            o_detail := pgstate.head_json(p_tenant, p_stream_id)
+                || jsonb_build_object('event', p_event, 'expected_state', p_expected_state,
+                                      'expected_version', p_expected_version,
+                                      'given_lease_epoch', p_lease_epoch);
+        ELSE
             o_detail := jsonb_build_object(
                 'tenant', p_tenant, 'stream_id', p_stream_id, 'category', v_category,
                 'version', v_version, 'state', v_state, 'machine', v_machine,
@@ -261,29 +268,20 @@ BEGIN
                 'deadline_at', v_deadline, 'archived', v_archived,
                 'event', p_event, 'expected_state', p_expected_state,
                 'expected_version', p_expected_version, 'given_lease_epoch', p_lease_epoch);
-        ELSE
-            o_detail := pgstate.head_json(p_tenant, p_stream_id)
-                || jsonb_build_object('event', p_event, 'expected_state', p_expected_state,
-                                      'expected_version', p_expected_version,
-                                      'given_lease_epoch', p_lease_epoch);
         END IF;
-        IF p_on_rejection = 'raise' THEN
-            PERFORM pgstate.raise_error(o_code, o_message, o_detail);
-        ELSIF p_on_rejection = 'record' THEN
+        IF p_on_rejection <> 'return' THEN
+            IF p_on_rejection = 'raise' THEN
+                PERFORM pgstate.raise_error(o_code, o_message, o_detail);
+            END IF;
             INSERT INTO pgstate.rejections (tenant, stream_id, event, code, message, detail,
                                             actor, reason, idempotency_key, traceparent)
             VALUES (p_tenant, p_stream_id, p_event, o_code, o_message, o_detail, p_actor,
                     p_reason, p_idempotency_key, p_traceparent);
         END IF;
-        -- The detail holds the head row whether or not the checks got as far as reading it.
-        o_outcome := 'rejected';
-        o_from_state := o_detail ->> 'state';
-        o_to_state := NULL;
-        o_version := (o_detail ->> 'version')::bigint;
-        o_lease_epoch := (o_detail ->> 'lease_epoch')::bigint;
-        o_deadline_at := (o_detail ->> 'deadline_at')::timestamptz;
-        RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
-                o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+        RETURN ('rejected', o_code, o_message, o_detail ->> 'state', NULL,
+                (o_detail ->> 'version')::bigint, NULL, NULL,
+                (o_detail ->> 'lease_epoch')::bigint,
+                (o_detail ->> 'deadline_at')::timestamptz, o_lock_wait_us, o_detail)
                ::pgstate.transition_outcome;
     END IF;
 
