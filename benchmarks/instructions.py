@@ -88,8 +88,7 @@ PREPARED = {
                                             '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
                                             'return', 'Moved');""",
 }
-# A racer that lost: the compare-and-set finds the state moved on (every instance and raw
-# ticket is in state "a" between runs; these ask for "b").
+# A racer that lost: the compare-and-set finds the state moved on.
 PREPARED["raw_transition_lost"] = PREPARED["raw_transition"]
 PREPARED["transition_v3_lost"] = PREPARED["transition_v3"]
 BASELINE_OF = {
@@ -115,6 +114,12 @@ class Flip(Machine):
 moves_done = {"flip": 0, "raw": 0}
 
 
+def is_in_a(table: str, instance: int) -> bool:
+    """Whether an instance (1-based) is in state "a" after the moves made so far."""
+    rounds, partial = divmod(moves_done[table], INSTANCES)
+    return (rounds + (1 if instance <= partial else 0)) % 2 == 0
+
+
 def executions(variant: str, calls: int, run: str) -> list[str]:
     """The EXECUTE lines: each append goes to a stream of its own run at the next version;
     each transition flips an instance (or a raw ticket) a -> b, round after round over all
@@ -123,13 +128,19 @@ def executions(variant: str, calls: int, run: str) -> list[str]:
         return [f"EXECUTE q('raw-{run}', {n});" for n in range(calls)]
     if variant.startswith("append"):
         return [f"EXECUTE q('bench-{run}', {n}, '{uuid.uuid4()}');" for n in range(calls)]
-    if variant == "raw_transition_lost":
-        return [f"EXECUTE q('b', 'a', {n % INSTANCES + 1});" for n in range(calls)]
-    if variant == "transition_v3_lost":
-        return [
-            f"EXECUTE q('flip-{n % INSTANCES + 1}', 'back', 'b', '{uuid.uuid4()}');"
-            for n in range(calls)
-        ]
+    if variant.endswith("_lost"):
+        # Ask each instance to move from the state it is not in: a lost compare-and-set.
+        table = "raw" if variant.startswith("raw") else "flip"
+        lines = []
+        for n in range(calls):
+            target = n % INSTANCES + 1
+            in_a = is_in_a(table, target)
+            if table == "raw":
+                lines.append(f"EXECUTE q('{'b' if in_a else 'a'}', 'x', {target});")
+            else:
+                event, state = ("back", "b") if in_a else ("go", "a")
+                lines.append(f"EXECUTE q('flip-{target}', '{event}', '{state}', '{uuid.uuid4()}');")
+        return lines
     table = "raw" if variant == "raw_transition" else "flip"
     lines: list[str] = []
     for n in range(moves_done[table], moves_done[table] + calls):

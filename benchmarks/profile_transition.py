@@ -34,6 +34,12 @@ SELECT funcname, calls, self_time / calls * 1000, total_time / calls * 1000
 """
 
 
+def backend_cpu_ns(pid: int) -> int:
+    """CPU time the backend has run, from the kernel's scheduler statistics (same machine)."""
+    with open(f"/proc/{pid}/schedstat", encoding="ascii") as stats:
+        return int(stats.read().split()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=3000)
@@ -58,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("SELECT pg_stat_statements_reset()")
             conn.execute("SELECT pg_stat_reset()")
             lock_waits: list[int] = []
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert backend is not None
+            server_cpu_before = backend_cpu_ns(backend[0])
+            client_cpu_before = time.process_time()
             started = time.perf_counter()
             for index in range(args.calls):
                 round_number = index // 100
@@ -69,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 lock_waits.append(result.lock_wait_us or 0)
             elapsed_us = (time.perf_counter() - started) / args.calls * 1e6
+            client_cpu_us = (time.process_time() - client_cpu_before) / args.calls * 1e6
+            server_cpu_us = (backend_cpu_ns(backend[0]) - server_cpu_before) / args.calls / 1e3
             time.sleep(0.6)  # function statistics are flushed to the view asynchronously
             statements: list[Any] = conn.execute(STATEMENTS, {"calls": args.calls // 2}).fetchall()
             functions: list[Any] = conn.execute(FUNCTIONS, {"calls": args.calls // 2}).fetchall()
@@ -85,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  in transition_v3 (server, incl. nested statements): {function_us:.0f} us")
     print(f"  lock wait (measured inside the function): {sum(lock_waits) / len(lock_waits):.1f} us")
     print(f"  client, driver, network and commit (WAL flush): {elapsed_us - function_us:.0f} us")
+    print(f"    client CPU (pgstate + psycopg, this process): {client_cpu_us:.0f} us")
+    print(f"    server CPU (the backend, function and commit included): {server_cpu_us:.0f} us")
+    rest = elapsed_us - client_cpu_us - server_cpu_us
+    print(f"    neither (waiting: WAL flush, wake-ups, network): {rest:.0f} us")
     print(f"statements executed inside transition_v3 per call: {len(nested)}")
     for calls, mean_us, text, _ in nested:
         print(f"  {mean_us:7.1f} us  x{calls / args.calls:.2f}  {text}")
