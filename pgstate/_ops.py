@@ -147,7 +147,8 @@ def append_statement(
     if len(events) == 1:
         return append_one_statement(tenant, stream_id, events[0], expected, actor, traceparent)
     # Unused optional columns go as NULL (cheapest to send); unnest pads them with NULLs.
-    metadata = [e.metadata_json for e in events]
+    encoded = [e.encoded for e in events]
+    metadata = [item[1] for item in encoded]
     return Statement(
         query("append"),
         {
@@ -156,7 +157,7 @@ def append_statement(
             "expected": expected,
             "event_ids": [e.event_id for e in events],
             "types": [e.type for e in events],
-            "data": [e.data_json for e in events],
+            "data": [item[0] for item in encoded],
             "metadata": None if all(m == "{}" for m in metadata) else metadata,
             "schema_versions": None
             if all(e.schema_version == 1 for e in events)
@@ -182,7 +183,7 @@ def append_one_statement(
     traceparent: str | None,
 ) -> Statement:
     # The common single-event call, as scalars: no arrays to dump or unpack.
-    metadata = event.metadata_json
+    data, metadata, _ = event.encoded
     return Statement(
         query("append_one"),
         {
@@ -191,7 +192,7 @@ def append_one_statement(
             "expected": expected,
             "event_id": event.event_id,
             "type": event.type,
-            "data": event.data_json,
+            "data": data,
             "metadata": None if metadata == "{}" else metadata,
             "schema_version": None if event.schema_version == 1 else event.schema_version,
             "causation_id": event.causation_id,

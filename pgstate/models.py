@@ -16,7 +16,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A JSON escape of NUL: "\u0000" preceded by an even number of backslashes (so not the
 # text of a literal backslash followed by "u0000").
@@ -87,34 +87,47 @@ class NewEvent(BaseModel):
     causation_id: uuid.UUID | None = None
     correlation_id: uuid.UUID | None = None
 
-    # (data JSON, metadata JSON, their size in bytes): one private attribute, because each
-    # private attribute costs a store at construction and a fallback lookup on every read.
-    # No default: a private attribute's default is copied into every new instance.
-    _encoded: tuple[str, str, int] = PrivateAttr()
+    # (data JSON, metadata JSON, their size in bytes) in a slot of its own: a pydantic
+    # private attribute costs ~1.8 µs per read against ~0.1 µs here, three reads per append.
+    __slots__ = ("_pgstate_encoded",)
 
     @model_validator(mode="after")
     def _encode(self) -> Self:
         # Encoded once here, so bad payloads fail at construction and appends reuse the text.
+        object.__setattr__(self, "_pgstate_encoded", self._encoded_now())
+        return self
+
+    def _encoded_now(self) -> tuple[str, str, int]:
         data_json, data_size = encode_json_sized(self.data, "event data")
         if self.metadata:
             metadata_json, metadata_size = encode_json_sized(self.metadata, "event metadata")
         else:
             metadata_json, metadata_size = "{}", 2
-        self._encoded = (data_json, metadata_json, data_size + metadata_size)
-        return self
+        return data_json, metadata_json, data_size + metadata_size
+
+    @property
+    def encoded(self) -> tuple[str, str, int]:
+        """The data JSON, the metadata JSON and their size in UTF-8 bytes."""
+        try:
+            encoded: tuple[str, str, int] = object.__getattribute__(self, "_pgstate_encoded")
+        except AttributeError:
+            # A copy (model_copy, pickle) carries the fields but not the slot.
+            encoded = self._encoded_now()
+            object.__setattr__(self, "_pgstate_encoded", encoded)
+        return encoded
 
     @property
     def encoded_size(self) -> int:
         """Bytes of the data and metadata JSON, as the append's size limit counts them."""
-        return self._encoded[2]
+        return self.encoded[2]
 
     @property
     def data_json(self) -> str:
-        return self._encoded[0]
+        return self.encoded[0]
 
     @property
     def metadata_json(self) -> str:
-        return self._encoded[1]
+        return self.encoded[1]
 
 
 class Position(NamedTuple):

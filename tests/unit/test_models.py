@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 import uuid
 from typing import Any
@@ -95,6 +96,16 @@ def test_new_event_defaults_and_encoding() -> None:
     assert (event.causation_id, event.correlation_id) == (None, None)
     assert event.data_json == '{"b":[1,2.5,null,true],"a":"é"}'
     assert event.metadata_json == "{}"
+
+
+def test_new_event_copies_and_pickles_carry_their_own_encoding() -> None:
+    event = NewEvent(type="A", data={"k": 1}, metadata={"m": "x"})
+    changed = event.model_copy(update={"data": {"k": 2}})
+    assert changed.data_json == '{"k":2}' and changed.metadata_json == '{"m":"x"}'
+    assert changed.encoded_size == len('{"k":2}') + len('{"m":"x"}')
+    restored = pickle.loads(pickle.dumps(event))
+    assert restored == event and restored.data_json == '{"k":1}'
+    assert event.model_copy().encoded == event.encoded
 
 
 def test_new_event_is_frozen() -> None:
