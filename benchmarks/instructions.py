@@ -70,6 +70,18 @@ PREPARED = {
         SELECT * FROM pgstate.append_v1('default', $1, $2, ARRAY[$3], ARRAY['Happened'],
                                         ARRAY['{"n": 1}'], NULL, NULL, NULL, NULL, NULL,
                                         NULL);""",
+    # Batches of 100 (the harness's fill); one result row each, so that single-user mode's
+    # printing of rows does not weigh on one side only.
+    "raw_append_100": """PREPARE q(text, int, text[], jsonb[]) AS
+        WITH appended AS (
+            INSERT INTO events (stream_id, version, type, data)
+            SELECT $1, $2 + x.ord, x.t, x.d
+              FROM unnest($3, $4) WITH ORDINALITY AS x(t, d, ord)
+            RETURNING version)
+        SELECT max(version) FROM appended;""",
+    "append_v1_100": """PREPARE q(text, bigint, uuid[], text[], text[]) AS
+        SELECT * FROM pgstate.append_v1('default', $1, $2, $3, $4, $5, NULL, NULL, NULL, NULL,
+                                        NULL, NULL);""",
     "raw_transition": """PREPARE q(text, text, bigint) AS
         WITH t AS (UPDATE tickets SET state = $2 WHERE id = $3 AND state = $1 RETURNING id)
         INSERT INTO events (stream_id, version, type, data)
@@ -92,6 +104,7 @@ PREPARED = {
 PREPARED["raw_transition_lost"] = PREPARED["raw_transition"]
 PREPARED["transition_v3_lost"] = PREPARED["transition_v3"]
 BASELINE_OF = {
+    "append_v1_100": "raw_append_100",
     "transition_v3_lost": "raw_transition_lost",
     "append_one_v2": "raw_append",
     "append_one_v1": "raw_append",
@@ -126,6 +139,16 @@ def executions(variant: str, calls: int, run: str) -> list[str]:
     of them and back, so that every call is applied."""
     if variant == "raw_append":
         return [f"EXECUTE q('raw-{run}', {n});" for n in range(calls)]
+    if variant.endswith("_100"):
+        types = "'{" + ",".join(["Filled"] * 100) + "}'"
+        data = "'{" + ",".join(f'"{{\\"i\\": {i}}}"' for i in range(100)) + "}'"
+        if variant.startswith("raw"):
+            return [f"EXECUTE q('raw-{run}', {100 * n}, {types}, {data});" for n in range(calls)]
+        lines = []
+        for n in range(calls):
+            ids = "'{" + ",".join(str(uuid.uuid4()) for _ in range(100)) + "}'"
+            lines.append(f"EXECUTE q('bench-{run}', {100 * n}, {ids}, {types}, {data});")
+        return lines
     if variant.startswith("append"):
         return [f"EXECUTE q('bench-{run}', {n}, '{uuid.uuid4()}');" for n in range(calls)]
     if variant.endswith("_lost"):
