@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgstate import Store
+from pgstate import Rejected, Store
 from pgstate._connect import libpq_dsn
 from pgstate.machine import Machine, State
 
@@ -105,3 +105,53 @@ def test_register_copies_target_timeouts_onto_edges(
         ("start", timedelta(hours=1)),
     ]
     assert all(copied == target for _, copied, target in rows)
+
+
+class Gate(Machine):
+    name = "MessagesGate"
+    closed = State(initial=True)
+    open = State()
+    gone = State(final=True)
+
+    unlock = closed.to(open, requires_lease=True)
+    shut = open.to(closed)
+    swing = closed.to(open)
+    remove = open.to(gone)
+
+
+def refusal(store: Store, stream: str, event: str, **options: Any) -> tuple[str | None, str]:
+    with pytest.raises(Rejected) as refused:
+        store.transition(stream, event, **options)
+    return refused.value.sqlstate, refused.value.message
+
+
+def test_each_rejection_has_its_code_and_message(store: Store) -> None:
+    store.register(Gate)
+    gate = f"gate-{uuid.uuid4().hex[:8]}"
+    store.create(gate, Gate)
+    assert refusal(store, f"{gate}-missing", "swing") == (
+        "SM001",
+        f"no state-machine instance {gate}-missing",
+    )
+    assert refusal(store, gate, "shut") == ("SM002", "no transition shut from state closed")
+    assert refusal(store, gate, "swing", expected_state="open") == (
+        "SM003",
+        f"{gate} is in state closed, expected open",
+    )
+    assert refusal(store, gate, "swing", expected_version=5) == (
+        "SM004",
+        f"{gate} is at version 1, expected 5",
+    )
+    assert refusal(store, gate, "unlock") == ("SM005", "event unlock requires a lease")
+    lease = store.acquire_lease(gate, "alice", timedelta(minutes=5))
+    assert refusal(store, gate, "swing") == ("SM010", f"alice holds the lease on {gate}")
+    assert refusal(store, gate, "unlock", lease_epoch=lease.epoch + 7) == (
+        "SM005",
+        f"lease epoch {lease.epoch + 7} is stale or expired (current epoch {lease.epoch})",
+    )
+    store.transition(gate, "unlock", lease_epoch=lease.epoch, release_lease=True)
+    store.transition(gate, "remove")
+    assert refusal(store, gate, "shut") == ("SM008", f"{gate} is in final state gone")
+    # Every refusal left the instance as the applied steps made it.
+    head = store.stream_state(gate)
+    assert head is not None and (head.state, head.version) == ("gone", 3)
