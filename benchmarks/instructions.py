@@ -12,7 +12,8 @@ planning of the prepared statement).
         [--keep DIR]    # keep the callgrind files, for callgrind_annotate
 
 Every statement is prepared once (PREPARE) and run by EXECUTE, as psycopg runs a repeated
-statement; the parse of the short EXECUTE line is the same for every variant.
+statement; the parse of the short EXECUTE line is the same for every variant. Each returns
+one column, because single-user mode prints every value it returns.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ PREPARED = {
                WITH ORDINALITY AS x(t, d, ord)
         RETURNING version;""",
     "append_one_v2": """PREPARE q(text, bigint, uuid) AS
-        SELECT * FROM pgstate.append_one_v2('default', $1, $2, $3, 'Happened', '{"n": 1}',
+        SELECT to_version FROM pgstate.append_one_v2('default', $1, $2, $3, 'Happened', '{"n": 1}',
                                             NULL, NULL, NULL, NULL, NULL, NULL);""",
     "append_one_v1": """PREPARE q(text, bigint, uuid) AS
-        SELECT * FROM pgstate.append_one_v1('default', $1, $2, $3, 'Happened', '{"n": 1}',
+        SELECT to_version FROM pgstate.append_one_v1('default', $1, $2, $3, 'Happened', '{"n": 1}',
                                             NULL, NULL, NULL, NULL, NULL, NULL);""",
     "append_v1": """PREPARE q(text, bigint, uuid) AS
-        SELECT * FROM pgstate.append_v1('default', $1, $2, ARRAY[$3], ARRAY['Happened'],
+        SELECT to_version FROM pgstate.append_v1('default', $1, $2, ARRAY[$3], ARRAY['Happened'],
                                         ARRAY['{"n": 1}'], NULL, NULL, NULL, NULL, NULL,
                                         NULL);""",
     # Batches of 100 (the harness's fill); one result row each, so that single-user mode's
@@ -80,8 +81,8 @@ PREPARED = {
             RETURNING version)
         SELECT max(version) FROM appended;""",
     "append_v1_100": """PREPARE q(text, bigint, uuid[], text[], text[]) AS
-        SELECT * FROM pgstate.append_v1('default', $1, $2, $3, $4, $5, NULL, NULL, NULL, NULL,
-                                        NULL, NULL);""",
+        SELECT to_version FROM pgstate.append_v1('default', $1, $2, $3, $4, $5, NULL, NULL,
+                                                 NULL, NULL, NULL, NULL);""",
     "raw_transition": """PREPARE q(text, text, bigint) AS
         WITH t AS (UPDATE tickets SET state = $2 WHERE id = $3 AND state = $1 RETURNING id)
         INSERT INTO events (stream_id, version, type, data)
@@ -92,11 +93,11 @@ PREPARED = {
           FROM t
         RETURNING version;""",
     "transition_v3": """PREPARE q(text, text, text, uuid) AS
-        SELECT * FROM pgstate.transition_v3('default', $1, $2, $3, NULL, NULL, NULL, NULL,
+        SELECT outcome FROM pgstate.transition_v3('default', $1, $2, $3, NULL, NULL, NULL, NULL,
                                             '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
                                             'return', 'Moved');""",
     "transition_v2": """PREPARE q(text, text, text, uuid) AS
-        SELECT * FROM pgstate.transition_v2('default', $1, $2, $3, NULL, NULL, NULL, NULL,
+        SELECT o_outcome FROM pgstate.transition_v2('default', $1, $2, $3, NULL, NULL, NULL, NULL,
                                             '{"n": 1}', NULL, NULL, $4, NULL, NULL, false,
                                             'return', 'Moved');""",
 }
