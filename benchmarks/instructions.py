@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -267,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgstate-callgrind-"))
     try:
         prepare(server)
-        stop: Callable[[list[str]], None] = server._run
-        stop([str(server.bin / "pg_ctl"), "-D", str(server.data), "-m", "fast", "stop"])
+        server.shut_down()
         single = SingleUser(server, workdir, args.keep)
         results = {variant: per_call(single, variant, args.calls) for variant in variants}
     finally:

@@ -112,6 +112,10 @@ class EmbeddedPostgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
 
+    def shut_down(self) -> None:
+        """Stop the server and keep its data directory (for single-user runs on it)."""
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"])
+
     def stop(self) -> None:
         if self.started:
             self.started = False

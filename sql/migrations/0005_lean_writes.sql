@@ -462,9 +462,10 @@ CREATE TYPE pgstate.append_outcome AS (
 -- append_one_v2: append_v1 for one event, the common call, with scalar arguments (no arrays
 -- to build, send and unpack, and no per-array checks). It handles the plain case itself: a
 -- well-formed event, a stream that is not a machine instance, the expected version met
--- and, for "any" and "exists", an event id not stored yet. Everything else (bad input, a
--- conflict, a retry, a writer-order refusal) goes to append_v1, which answers it exactly
--- as it would have answered the batch of one.
+-- and, for "any" and "exists", an event id not stored yet. It refuses a plain version
+-- conflict (an exact version not met, by an event id not stored) with append_v1's error.
+-- Everything else (bad input, a retry, a writer-order refusal) goes to append_v1, which
+-- answers it exactly as it would have answered the batch of one.
 CREATE FUNCTION pgstate.append_one_v2(
     p_tenant text, p_stream_id text, p_expected bigint,
     p_event_id uuid, p_type text, p_data text, p_metadata text,
