@@ -9,14 +9,20 @@ import psycopg
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import ExecStatus, Format
 from psycopg.pq.abc import PGresult
+from psycopg.rows import TupleRow, tuple_row
+from psycopg.types.json import set_json_loads
 from psycopg.types.numeric import Int8BinaryLoader, IntLoader
 
+from pgstate._json import loads
 from pgstate._ops import Op, Row
 from pgstate.errors import translate
 
 T = TypeVar("T")
 
 _XID8_OID = 5069  # built-in type oid, fixed since PostgreSQL 13
+
+# The attribute of a connection that holds pgstate's idle cursor between calls.
+_CURSOR_ATTRIBUTE = "_pgstate_cursor"
 
 
 def _prepare_adapters(adapters: AdaptersMap) -> None:
@@ -27,6 +33,35 @@ def _prepare_adapters(adapters: AdaptersMap) -> None:
         adapters.register_loader(_XID8_OID, IntLoader)
 
 
+def _configure(cursor: psycopg.Cursor[TupleRow] | psycopg.AsyncCursor[TupleRow]) -> None:
+    # Binary results, tuple rows and pgstate's own loaders whatever the caller configured
+    # on the connection (a dict_row factory, other JSON loads): the operations unpack
+    # tuples, and the adapters registered here stay on this cursor.
+    cursor.format = Format.BINARY
+    _prepare_adapters(cursor.adapters)
+    set_json_loads(loads, cursor)
+
+
+def _checkout(conn: psycopg.Connection[Any]) -> psycopg.Cursor[TupleRow]:
+    """The connection's pgstate cursor, or a new one. A cursor keeps the parameter
+    dumpers it looked up, so reusing one per connection spares that work on every call;
+    taking it out of the connection (an atomic dict pop) means two threads sharing a
+    connection never share a cursor."""
+    cursor: psycopg.Cursor[TupleRow] | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
+    if cursor is None or cursor.closed:
+        cursor = psycopg.Cursor(conn, row_factory=tuple_row)
+        _configure(cursor)
+    return cursor
+
+
+def _acheckout(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[TupleRow]:
+    cursor: psycopg.AsyncCursor[TupleRow] | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
+    if cursor is None or cursor.closed:
+        cursor = psycopg.AsyncCursor(conn, row_factory=tuple_row)
+        _configure(cursor)
+    return cursor
+
+
 def _has_rows(result: PGresult | None) -> bool:
     # Cheaper than cursor.description, which builds a column object per column.
     return result is not None and result.status == ExecStatus.TUPLES_OK
@@ -35,7 +70,6 @@ def _has_rows(result: PGresult | None) -> bool:
 def run(conn: psycopg.Connection[Any], op: Op, *, atomic: bool = False) -> Any:
     """Drive ``op`` on ``conn``. With ``atomic`` and an autocommit connection, the
     statements run in one transaction; otherwise they run in the connection's own."""
-    _prepare_adapters(conn.adapters)
     try:
         if atomic and conn.autocommit:
             with conn.transaction():
@@ -46,7 +80,7 @@ def run(conn: psycopg.Connection[Any], op: Op, *, atomic: bool = False) -> Any:
 
 
 def _drive(conn: psycopg.Connection[Any], op: Op) -> Any:
-    cursor = conn.cursor(binary=True)
+    cursor = _checkout(conn)
     try:
         statement = next(op)
         while True:
@@ -56,12 +90,11 @@ def _drive(conn: psycopg.Connection[Any], op: Op) -> Any:
     except StopIteration as stop:
         return stop.value
     finally:
-        cursor.close()
+        vars(conn)[_CURSOR_ATTRIBUTE] = cursor
 
 
 async def arun(conn: psycopg.AsyncConnection[Any], op: Op, *, atomic: bool = False) -> Any:
     """The async twin of :func:`run`."""
-    _prepare_adapters(conn.adapters)
     try:
         if atomic and conn.autocommit:
             async with conn.transaction():
@@ -72,7 +105,7 @@ async def arun(conn: psycopg.AsyncConnection[Any], op: Op, *, atomic: bool = Fal
 
 
 async def _adrive(conn: psycopg.AsyncConnection[Any], op: Op) -> Any:
-    cursor = conn.cursor(binary=True)
+    cursor = _acheckout(conn)
     try:
         statement = next(op)
         while True:
@@ -82,4 +115,4 @@ async def _adrive(conn: psycopg.AsyncConnection[Any], op: Op) -> Any:
     except StopIteration as stop:
         return stop.value
     finally:
-        await cursor.close()
+        vars(conn)[_CURSOR_ATTRIBUTE] = cursor

@@ -1,0 +1,170 @@
+"""pgstate on a psycopg connection the caller configured and shares: its row factory and
+JSON loads do not reach pgstate's results, its adapters are left alone, the cursor pgstate
+keeps per connection is never shared by two threads, and a closed connection does not
+leave a broken cursor behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.pq import Format
+from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
+
+from pgstate import AsyncStore, NewEvent, StaleState, Store
+from pgstate._connect import libpq_dsn
+from pgstate.machine import Machine, State
+
+XID8_OID = 5069
+
+
+class Lamp(Machine):
+    name = "CallerConnectionLamp"
+    off = State(initial=True)
+    on = State()
+
+    switch_on = off.to(on)
+    switch_off = on.to(off)
+
+
+@pytest.fixture
+def dict_conn(pgstate_db: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+def test_dict_row_connection_gets_typed_results(
+    store: Store, dict_conn: psycopg.Connection[Any]
+) -> None:
+    store.register(Lamp)
+    appended = store.append("caller-dict-1", [NewEvent(type="A", data={"n": 1})], conn=dict_conn)
+    assert appended.version == 1
+    store.create("caller-lamp-1", Lamp, conn=dict_conn)
+    result = store.transition("caller-lamp-1", "switch_on", conn=dict_conn)
+    assert (result.from_state, result.to_state, result.version) == ("off", "on", 2)
+    with pytest.raises(StaleState) as refused:
+        store.transition("caller-lamp-1", "switch_on", expected_state="off", conn=dict_conn)
+    assert refused.value.current_state == "on" and refused.value.current_version == 2
+    events = store.read_stream("caller-dict-1", conn=dict_conn)
+    assert [(e.version, e.data) for e in events] == [(1, {"n": 1})]
+    # The caller's own queries keep the caller's row factory.
+    row = dict_conn.execute("SELECT 1 AS one").fetchone()
+    assert row == {"one": 1}
+
+
+def test_caller_json_loads_and_adapters_left_alone(store: Store, pgstate_db: str) -> None:
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as conn:
+        calls: list[str | bytes] = []
+
+        def counting_loads(data: str | bytes) -> Any:
+            calls.append(data)
+            return json.loads(data)
+
+        set_json_loads(counting_loads, conn)
+        store.register(Lamp)
+        store.create("caller-lamp-2", Lamp, conn=conn)
+        with pytest.raises(StaleState) as refused:
+            # The refusal's detail is jsonb, read with pgstate's loads, not the caller's.
+            store.transition("caller-lamp-2", "switch_on", expected_state="on", conn=conn)
+        assert refused.value.current_state == "off"
+        assert calls == []
+        assert conn.execute("SELECT '{\"k\": 1}'::jsonb").fetchone() == ({"k": 1},)
+        assert len(calls) == 1
+        assert conn.adapters.get_loader(XID8_OID, Format.BINARY) is None
+
+
+def test_integers_beyond_64_bits_read_back_exact(store: Store, pgstate_db: str) -> None:
+    big = {"above_u64": 2**64, "below_i64": -(2**63) - 1, "huge": 10**40, "u64": 2**64 - 1}
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as conn:
+        store.register(Lamp)
+        store.create("caller-lamp-3", Lamp, data=big, conn=conn)
+        store.append("caller-big-1", [NewEvent(type="Big", data=big)], conn=conn)
+        (event,) = store.read_stream("caller-big-1", conn=conn)
+        assert event.data == big
+        assert all(type(value) is int for value in event.data.values())
+        created = store.read_stream("caller-lamp-3", conn=conn)
+        assert created[0].data == big
+
+
+def test_threads_sharing_a_connection_each_store_their_writes(
+    store: Store, pgstate_db: str
+) -> None:
+    threads, per_thread = 4, 50
+    errors: list[BaseException] = []
+    versions: dict[int, list[int]] = {}
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as conn:
+
+        def work(number: int) -> None:
+            try:
+                mine = versions.setdefault(number, [])
+                for index in range(per_thread):
+                    result = store.append(
+                        f"caller-thread-{number}",
+                        [NewEvent(type="T", data={"thread": number, "i": index})],
+                        expected_version=index,
+                        conn=conn,
+                    )
+                    mine.append(result.version)
+            except BaseException as error:  # reported below, with the thread's number
+                errors.append(error)
+
+        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert errors == []
+        for number in range(threads):
+            # Each thread saw its own results: a cursor shared between threads would hand
+            # one thread another's row.
+            assert versions[number] == list(range(1, per_thread + 1))
+            stored = store.read_stream(f"caller-thread-{number}", conn=conn)
+            assert [e.data for e in stored] == [
+                {"thread": number, "i": index} for index in range(per_thread)
+            ]
+
+
+def test_closed_connection_then_a_new_one(store: Store, pgstate_db: str) -> None:
+    conn = psycopg.connect(libpq_dsn(pgstate_db), autocommit=True)
+    store.append("caller-closed-1", [NewEvent(type="A", data={})], conn=conn)
+    conn.close()
+    with pytest.raises(Exception) as closed:
+        store.append("caller-closed-1", [NewEvent(type="A", data={})], conn=conn)
+    assert "closed" in str(closed.value)
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as fresh:
+        result = store.append("caller-closed-1", [NewEvent(type="A", data={})], conn=fresh)
+        assert result.version == 2
+
+
+async def test_async_tasks_sharing_a_connection(pgstate_db: str) -> None:
+    store = AsyncStore(pgstate_db)
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            libpq_dsn(pgstate_db), autocommit=True, row_factory=dict_row
+        ) as conn:
+
+            async def work(number: int) -> list[int]:
+                return [
+                    (
+                        await store.append(
+                            f"caller-task-{number}",
+                            [NewEvent(type="T", data={"i": index})],
+                            expected_version=index,
+                            conn=conn,
+                        )
+                    ).version
+                    for index in range(20)
+                ]
+
+            results = await asyncio.gather(*(work(n) for n in range(4)))
+            assert results == [list(range(1, 21))] * 4
+            events = await store.read_stream("caller-task-3", conn=conn)
+            assert [e.data["i"] for e in events] == list(range(20))
+    finally:
+        await store.close()
