@@ -295,6 +295,11 @@ def append_many(
     return [results[index] for index in range(len(appends))]
 
 
+# The read path builds one event per row: tuple.__new__ skips the named tuples' Python-level
+# __new__ (their fields are all given here, in order), about 0.3 us of 1.7 per event.
+_new_tuple = tuple.__new__
+
+
 def record(row: Row) -> RecordedEvent:
     """A RecordedEvent from a row of the read statements (JSON columns come as text)."""
     (
@@ -315,22 +320,25 @@ def record(row: Row) -> RecordedEvent:
         machine_version,
         recorded_at,
     ) = row
-    return RecordedEvent(
-        Position(int(tx), pos),
-        tenant,
-        stream_id,
-        version,
-        event_type,
-        loads(data),
-        NO_METADATA if metadata is None else loads(metadata),
-        event_id,
-        schema_version,
-        causation_id,
-        correlation_id,
-        None if actor is None else loads(actor),
-        traceparent,
-        machine_version,
-        recorded_at,
+    return _new_tuple(
+        RecordedEvent,
+        (
+            _new_tuple(Position, (int(tx), pos)),
+            tenant,
+            stream_id,
+            version,
+            event_type,
+            loads(data),
+            NO_METADATA if metadata is None else loads(metadata),
+            event_id,
+            schema_version,
+            causation_id,
+            correlation_id,
+            None if actor is None else loads(actor),
+            traceparent,
+            machine_version,
+            recorded_at,
+        ),
     )
 
 
