@@ -28,11 +28,11 @@ from typing import Any
 import psycopg
 from instructions import RAW_SCHEMA  # the harness's raw tables, as the server count uses
 from psycopg.types.json import Jsonb
+from scale import Toggle  # the two-state machine profile_transition.py uses too
 
 from pgstate import NewEvent, StaleState, Store
 from pgstate._connect import libpq_dsn
 from pgstate._embedded import EmbeddedPostgres
-from pgstate.machine import Machine, State
 
 INSTANCES = 100
 READ_PAGE = 1000
@@ -61,15 +61,6 @@ RAW_READ_ALL = (
     "SELECT position, stream_id, version, type, data FROM events "
     "WHERE position > %s ORDER BY position LIMIT %s"
 )
-
-
-class Toggle(Machine):
-    name = "ClientToggle"
-    off = State(initial=True)
-    on = State()
-
-    switch_on = off.to(on)
-    switch_off = on.to(off)
 
 
 VARIANTS = {
