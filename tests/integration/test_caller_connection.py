@@ -17,8 +17,9 @@ from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
-from pgstate import AsyncStore, NewEvent, StaleState, Store
+from pgstate import AsyncStore, ExpectedVersion, NewEvent, StaleState, Store, VersionConflict
 from pgstate._connect import libpq_dsn
+from pgstate.errors import PgStateError
 from pgstate.machine import Machine, State
 
 XID8_OID = 5069
@@ -168,3 +169,29 @@ async def test_async_tasks_sharing_a_connection(pgstate_db: str) -> None:
             assert [e.data["i"] for e in events] == list(range(20))
     finally:
         await store.close()
+
+
+def test_kept_cursor_after_an_aborted_transaction(store: Store, pgstate_db: str) -> None:
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:  # not autocommit: the caller's tx
+        store.append("caller-abort-1", [NewEvent(type="A", data={})], conn=conn)
+        conn.commit()
+        with pytest.raises(VersionConflict):
+            store.append(
+                "caller-abort-1",
+                [NewEvent(type="B", data={})],
+                expected_version=ExpectedVersion.NO_STREAM,
+                conn=conn,
+            )
+        # Whatever the refusal did to the caller's transaction, a rollback recovers it and
+        # the same connection (and pgstate's cursor on it) carries on.
+        conn.rollback()
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        with pytest.raises(PgStateError) as aborted:  # the caller's transaction is aborted
+            store.append("caller-abort-1", [NewEvent(type="C", data={})], conn=conn)
+        assert aborted.value.sqlstate == "25P02"
+        conn.rollback()
+        result = store.append("caller-abort-1", [NewEvent(type="D", data={})], conn=conn)
+        conn.commit()
+        assert result.version == 2
+        assert [e.type for e in store.read_stream("caller-abort-1", conn=conn)] == ["A", "D"]
