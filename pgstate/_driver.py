@@ -47,7 +47,9 @@ def _checkout(conn: psycopg.Connection[Any]) -> psycopg.Cursor[TupleRow]:
     dumpers it looked up, so reusing one per connection spares that work on every call;
     taking it out of the connection (an atomic dict pop) means two threads sharing a
     connection never share a cursor. It holds its last result until the next call on the
-    connection (at most one page of a read) and closes with the connection."""
+    connection (at most one page of a read) and closes with the connection. The cursor
+    and the connection refer to each other, so a connection the caller drops without
+    closing it waits for the cycle collector (psycopg warns about that drop anyway)."""
     cursor: psycopg.Cursor[TupleRow] | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
     if cursor is None or cursor.closed:
         cursor = psycopg.Cursor(conn, row_factory=tuple_row)
