@@ -17,8 +17,6 @@ from pgstate._json import loads
 from pgstate._ops import Op, Row
 from pgstate.errors import translate
 
-T = TypeVar("T")
-
 _XID8_OID = 5069  # built-in type oid, fixed since PostgreSQL 13
 
 # The attribute of a connection that holds pgstate's idle cursor between calls.
@@ -42,25 +40,23 @@ def _configure(cursor: psycopg.Cursor[TupleRow] | psycopg.AsyncCursor[TupleRow])
     set_json_loads(loads, cursor)
 
 
-def _checkout(conn: psycopg.Connection[Any]) -> psycopg.Cursor[TupleRow]:
-    """The connection's pgstate cursor, or a new one. A cursor keeps the parameter
-    dumpers it looked up, so reusing one per connection spares that work on every call;
-    taking it out of the connection (an atomic dict pop) means two threads sharing a
-    connection never share a cursor. It holds its last result until the next call on the
-    connection (at most one page of a read) and closes with the connection. The cursor
-    and the connection refer to each other, so a connection the caller drops without
-    closing it waits for the cycle collector (psycopg warns about that drop anyway)."""
-    cursor: psycopg.Cursor[TupleRow] | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
-    if cursor is None or cursor.closed:
-        cursor = psycopg.Cursor(conn, row_factory=tuple_row)
-        _configure(cursor)
-    return cursor
+_KeptCursor = TypeVar("_KeptCursor", psycopg.Cursor[TupleRow], psycopg.AsyncCursor[TupleRow])
 
 
-def _acheckout(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[TupleRow]:
-    cursor: psycopg.AsyncCursor[TupleRow] | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
+def _checkout(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], kind: type[_KeptCursor]
+) -> _KeptCursor:
+    """The connection's pgstate cursor, or a new one of ``kind``. A cursor keeps the
+    parameter dumpers it looked up, so reusing one per connection spares that work on every
+    call; taking it out of the connection (an atomic dict pop) means two threads or tasks
+    sharing a connection never share a cursor. It holds its last result until the next
+    call on the connection (at most one page of a read) and closes with the connection.
+    The cursor and the connection refer to each other, so a connection the caller drops
+    without closing it waits for the cycle collector (psycopg warns about that drop)."""
+    cursor: _KeptCursor | None = vars(conn).pop(_CURSOR_ATTRIBUTE, None)
     if cursor is None or cursor.closed:
-        cursor = psycopg.AsyncCursor(conn, row_factory=tuple_row)
+        # Each caller passes the cursor kind of its connection (sync or async).
+        cursor = kind(conn, row_factory=tuple_row)  # type: ignore[call-overload]
         _configure(cursor)
     return cursor
 
@@ -83,7 +79,7 @@ def run(conn: psycopg.Connection[Any], op: Op, *, atomic: bool = False) -> Any:
 
 
 def _drive(conn: psycopg.Connection[Any], op: Op) -> Any:
-    cursor = _checkout(conn)
+    cursor = _checkout(conn, psycopg.Cursor)
     try:
         statement = next(op)
         while True:
@@ -108,7 +104,7 @@ async def arun(conn: psycopg.AsyncConnection[Any], op: Op, *, atomic: bool = Fal
 
 
 async def _adrive(conn: psycopg.AsyncConnection[Any], op: Op) -> Any:
-    cursor = _acheckout(conn)
+    cursor = _checkout(conn, psycopg.AsyncCursor)
     try:
         statement = next(op)
         while True:

@@ -114,11 +114,12 @@ class EmbeddedPostgres:
 
     def shut_down(self) -> None:
         """Stop the server and keep its data directory (for single-user runs on it)."""
+        self.started = False
         self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"])
 
     def stop(self) -> None:
+        """Stop the server if it runs, and remove everything it wrote."""
         if self.started:
-            self.started = False
             with contextlib.suppress(subprocess.CalledProcessError):
-                self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"])
+                self.shut_down()
         shutil.rmtree(self.root, ignore_errors=True)
