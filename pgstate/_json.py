@@ -26,7 +26,21 @@ try:
                 pass  # numbers beyond a double's range, which jsonb holds: stdlib reads them
         return json.loads(data)
 
+    def loads_each(texts: list[str]) -> list[Any]:
+        """Decode a page of JSON texts. One scan of the whole page for a 19-digit run
+        (joined by newlines, so no run spans two texts) costs a fraction of one scan per
+        text; only a page that has one decodes text by text."""
+        if _NINETEEN_DIGITS in "\n".join(texts).encode().translate(_DIGITS_TO_ZERO):
+            return [loads(text) for text in texts]
+        try:
+            return list(map(orjson.loads, texts))
+        except orjson.JSONDecodeError:
+            return [loads(text) for text in texts]
+
 except ImportError:  # pragma: no cover - orjson is a declared dependency
 
     def loads(data: str | bytes) -> Any:
         return json.loads(data)
+
+    def loads_each(texts: list[str]) -> list[Any]:
+        return [json.loads(text) for text in texts]

@@ -10,7 +10,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from pgstate._ops import Row, Statement, check_identifier, record
+from pgstate._ops import Row, Statement, check_identifier, records
 from pgstate._sql import query
 from pgstate.models import RecordedEvent, encode_json
 
@@ -70,8 +70,7 @@ def load_state(
             query("read_stream_forward"),
             {"tenant": tenant, "stream_id": stream_id, "from_version": version + 1, "limit": PAGE},
         )
-        for row in rows:
-            event = record(row)
+        for event in records(rows):
             state = fold.apply(state, event)
             version = event.version
         folded += len(rows)

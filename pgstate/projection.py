@@ -218,7 +218,7 @@ class ProjectionWorker:
                 "limit": self.page_size,
             },
         )
-        events = [_ops.record(row) for row in rows]
+        events = _ops.records(rows)
         if not events:
             return 0
         conn = await self._connection()
@@ -431,7 +431,7 @@ async def rebuild(
                     },
                     binary=True,
                 )
-                events = [_ops.record(row) for row in await cursor.fetchall()]
+                events = _ops.records(await cursor.fetchall())
                 if not events:
                     return
                 async with conn.transaction():
