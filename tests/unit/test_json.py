@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pgstate._json import loads
+from pgstate._json import loads, loads_each
 
 TEXTS = [
     '{"a": 1, "b": [true, null, 1.5, "x"]}',
@@ -38,3 +38,21 @@ def test_invalid_json_raises() -> None:
         loads("{")
     with pytest.raises(ValueError):
         loads(b"{")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_page_decodes_as_each_text_alone(text: str) -> None:
+    # One awkward text among ordinary ones sends the whole page down the careful path.
+    page = ['{"i": 1}', text, '{"i": 12345678901234567}']
+    decoded = loads_each(page)
+    assert decoded == [json.loads(t) for t in page]
+    assert [type(v) for v in decoded] == [type(json.loads(t)) for t in page]
+
+
+def test_a_page_with_a_big_integer_keeps_it_exact() -> None:
+    page = ['{"a": 1}', '{"big": 18446744073709551616}']
+    assert loads_each(page)[1]["big"] == 2**64
+
+
+def test_an_empty_page_decodes_to_nothing() -> None:
+    assert loads_each([]) == []
