@@ -37,6 +37,7 @@ from pgstate._embedded import EmbeddedPostgres
 INSTANCES = 100
 READ_PAGE = 1000
 PAGES_PER_CALLS = 50  # the read variants run calls / 50 pages: N1=100 reads 2,000 events
+BATCH = 100  # the harness fills its read_back streams 100 events at a time
 
 # As the harness's raw driver sends them (../shared/bench/drivers/raw.py).
 RAW_TRANSITION_AND_RECORD = """
@@ -70,6 +71,8 @@ VARIANTS = {
     "pgstate_transition_lost": "Store.transition refused with StaleState, caught",
     "raw_append": "INSERT of one event at the stream's end (harness raw, expected any)",
     "pgstate_append": "Store.append of one NewEvent built from a dict (as the peer driver)",
+    "raw_batch_event": f"append of {BATCH} events at once, per event (harness raw, as its fill)",
+    "pgstate_batch_event": f"Store.append of {BATCH} NewEvents built from dicts, per event",
     "raw_read_all_event": f"read_all, per event, pages of {READ_PAGE} (harness raw)",
     "pgstate_read_all_event": f"Store.read_all, per event, pages of {READ_PAGE}",
 }
@@ -135,6 +138,24 @@ def child(variant: str, calls: int, dsn: str) -> None:
                 "datas": [Jsonb(e["data"]) for e in events],
             }
             conn.execute(RAW_APPEND_ANY, params).fetchall()
+    elif variant.endswith("_batch_event"):
+        # The harness's fill: each batch goes to a fresh stream's end, as in read_back.
+        for call in range(calls // BATCH):
+            stream_id = f"fill-{run}-{call}"
+            events = [
+                {"type": "Filled", "data": {"s": stream_id, "i": i, "note": "x" * 64}}
+                for i in range(BATCH)
+            ]
+            if variant == "pgstate_batch_event":
+                batch = [NewEvent(type=e["type"], data=e["data"]) for e in events]
+                store.append(stream_id, batch, conn=conn)
+            else:
+                params = {
+                    "s": stream_id,
+                    "types": [e["type"] for e in events],
+                    "datas": [Jsonb(e["data"]) for e in events],
+                }
+                conn.execute(RAW_APPEND_ANY, params).fetchall()
     elif variant == "pgstate_read_all_event":
         page = None
         for _ in range(calls // READ_PAGE):
@@ -225,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             # A read variant's calls are events, read in whole pages.
             scale = READ_PAGE // PAGES_PER_CALLS if variant in reads else 1
+            if variant.endswith("_batch_event"):
+                scale = BATCH // 10  # calls are events here, appended in whole batches
             first = counted(variant, low * scale, dsn)
             second = counted(variant, high * scale, dsn)
             results[variant] = (second - first) / ((high - low) * scale)
             print(f"| {variant} | {results[variant]:,.0f} | {VARIANTS[variant]} |", flush=True)
-        for name in ("transition", "transition_lost", "append", "read_all_event"):
+        for name in ("transition", "transition_lost", "append", "batch_event", "read_all_event"):
             raw, ours = results.get(f"raw_{name}"), results.get(f"pgstate_{name}")
             if raw and ours:
                 print(f"pgstate_{name} / raw_{name}: {ours / raw:.2f}x")

@@ -90,8 +90,13 @@ def expected(version: int | None) -> ExpectedVersion | int:
     return version
 
 
+# tuple.__new__ skips the named tuple's Python-level __new__, as pgstate's own read path does.
+_new_tuple = tuple.__new__
+
+
 def to_event(event: RecordedEvent) -> Event:
-    return Event(encode(event.position), event.stream_id, event.version, event.type, event.data)
+    fields = (encode(event.position), event.stream_id, event.version, event.type, event.data)
+    return _new_tuple(Event, fields)
 
 
 class PgState(Driver):  # type: ignore[misc]
