@@ -1,6 +1,6 @@
-"""Data models. Inputs are pydantic models (validated at the boundary); records read back
-are frozen slotted dataclasses, because the read path builds one per row and must stay
-close to the cost of a bare tuple."""
+"""Data models. Inputs are pydantic models (validated at the boundary); events read back
+are named tuples, because the read path builds one per row and must stay close to the
+cost of a bare tuple; other results are frozen slotted dataclasses."""
 
 from __future__ import annotations
 
