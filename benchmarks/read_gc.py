@@ -10,7 +10,7 @@ A full (generation 2) collection walks every tracked object of the process, impo
 included, so its cost depends on the process, not on the read; how often one falls inside
 a read depends on how many container objects the read allocates.
 
-    /work/benchvenv/bin/python benchmarks/read_gc.py [--reads 7] [--no-gc]
+    /work/benchvenv/bin/python benchmarks/read_gc.py [--reads 7] [--no-gc | --freeze]
 
 Environment: BENCH_DIR (default ../shared/bench), for the harness's raw driver.
 """
@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reads", type=int, default=7, help="full reads per driver")
     parser.add_argument("--no-gc", action="store_true", help="turn the collector off")
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="gc.freeze() before the reads: what exists by then is never walked again",
+    )
     args = parser.parse_args(argv)
     server = EmbeddedPostgres(durable=False).start()
     try:
@@ -107,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             "raw": filled(raw, server.url("raw_reads")),
             "pgstate": filled(ours, server.url("pgstate_reads")),
         }
+        print(f"tracked objects before the reads: {len(gc.get_objects()):,}")
         if args.no_gc:
             gc.disable()
+        if args.freeze:
+            gc.freeze()
         clock = CollectorClock()
         kept: dict[str, list[Any]] = {}
         walls: dict[str, list[float]] = {name: [] for name in drivers}
-        print(f"tracked objects before the reads: {len(gc.get_objects()):,}")
         print("| driver | read | wall ms | collector ms | runs gen 0/1/2 | ms gen 0/1/2 |")
         print("|---|---|---|---|---|---|")
         for number in range(args.reads):
