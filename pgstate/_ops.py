@@ -303,8 +303,16 @@ _new_tuple = tuple.__new__
 def records(rows: list[Row]) -> list[RecordedEvent]:
     """RecordedEvents from rows of the read statements (JSON columns come as text, tx as
     an int: every connection that reads events has the xid8 loader). The data of the whole
-    page is decoded in one call, which scans the page once for the rare huge integer."""
+    page is decoded in one call, which scans the page once for the rare huge integer, and
+    so is the metadata of the events that have some (a transition's audit trail)."""
     datas = loads_each([row[6] for row in rows])
+    metadata_texts = [row[7] for row in rows]
+    given = [text for text in metadata_texts if text is not None]
+    if given:
+        decoded = iter(loads_each(given))
+        metadatas = [NO_METADATA if text is None else next(decoded) for text in metadata_texts]
+    else:
+        metadatas = [NO_METADATA] * len(rows)
     return [
         _new_tuple(
             RecordedEvent,
@@ -315,7 +323,7 @@ def records(rows: list[Row]) -> list[RecordedEvent]:
                 version,
                 event_type,
                 data,
-                NO_METADATA if metadata is None else loads(metadata),
+                metadata,
                 event_id,
                 schema_version,
                 causation_id,
@@ -334,7 +342,7 @@ def records(rows: list[Row]) -> list[RecordedEvent]:
             version,
             event_type,
             _,
-            metadata,
+            _,
             event_id,
             schema_version,
             causation_id,
@@ -343,7 +351,7 @@ def records(rows: list[Row]) -> list[RecordedEvent]:
             traceparent,
             machine_version,
             recorded_at,
-        ), data in zip(rows, datas, strict=True)
+        ), data, metadata in zip(rows, datas, metadatas, strict=True)
     ]
 
 

@@ -183,6 +183,18 @@ def test_caller_rollback_discards_append(fresh_store: Store) -> None:
     assert fresh_store.stream_state("order-21") is None
 
 
+def test_a_page_mixing_events_with_and_without_metadata_keeps_each_its_own(
+    store: Store, conn: Connection
+) -> None:
+    # Metadata is decoded a page at a time: each event must get its own back, or none.
+    given: list[dict[str, object]] = [{}, {"n": 1}, {}, {}, {"n": 4, "big": 2**70}, {"n": 5}]
+    batch = [NewEvent(type="Noted", data={"i": i}, metadata=m) for i, m in enumerate(given)]
+    store.append("order-23", batch, conn=conn)
+    stored = store.read_stream("order-23", conn=conn)
+    assert [dict(event.metadata) for event in stored] == given
+    assert [event.data for event in stored] == [{"i": i} for i in range(len(given))]
+
+
 def test_metadata_causation_actor_stored(store: Store, conn: Connection) -> None:
     cause, correlation = uuid.uuid4(), uuid.uuid4()
     event = NewEvent(
