@@ -218,6 +218,7 @@ class SingleUser:
         if summary is None:
             raise RuntimeError(f"no callgrind summary in {path}")
         if self.keep is not None:
+            self.keep.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, self.keep / path.name)
         path.unlink()
         return int(summary.group(1))

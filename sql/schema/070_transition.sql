@@ -40,7 +40,6 @@ DECLARE
     o_pos            bigint;
     o_lease_epoch    bigint;
     o_deadline_at    timestamptz;
-    o_lock_wait_us   bigint;
     o_detail         jsonb;
     v_started        timestamptz;
     v_now            timestamptz;
@@ -48,7 +47,7 @@ DECLARE
     v_stored_hash    text;
     v_stored         jsonb;
     -- The head row and its rules, as scalars: a record variable costs a lookup per field.
-    v_found          boolean := false;
+    v_found          boolean;
     v_state          text;
     v_version        bigint;
     v_category       text;
@@ -66,7 +65,7 @@ DECLARE
     v_guard          jsonb;
     v_target_timeout interval;
     v_edge_found     boolean;
-    v_is_timeout     boolean := false;
+    v_is_timeout     boolean;
     v_lease_live     boolean;
     v_guard_error    text;
 BEGIN
@@ -103,13 +102,13 @@ BEGIN
             jsonb_build_object('field', 'on_rejection'));
     END IF;
 
-    v_started := clock_timestamp();
-    -- A free lock is taken in an expression, with no statement to run; only a busy one waits.
+    -- A free lock is taken in an expression, with no statement to run; only a busy one waits,
+    -- and only then is the wait timed (a free lock reports 0).
     IF NOT pg_try_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0)) THEN
+        v_started := clock_timestamp();
         PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
     END IF;
     v_now := clock_timestamp();
-    o_lock_wait_us := (extract(epoch FROM v_now - v_started) * 1000000)::bigint;
 
     <<checks>>
     BEGIN
@@ -133,7 +132,10 @@ BEGIN
                     o_lease_epoch := (v_stored ->> 'lease_epoch')::bigint;
                     o_deadline_at := (v_stored ->> 'deadline_at')::timestamptz;
                     RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
-                            o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+                            o_tx, o_pos, o_lease_epoch, o_deadline_at,
+                            coalesce((extract(epoch FROM v_now - v_started) * 1000000)
+                                     ::bigint, 0),
+                            o_detail)
                            ::pgstate.transition_outcome;
                 END IF;
                 o_code := 'SM006';
@@ -254,7 +256,7 @@ BEGIN
         -- checks stopped before reading it (an unknown instance, a reused key), else built
         -- from the row already read. A rejection returns in one expression: each separate
         -- assignment would be one more expression to prepare in every new transaction.
-        IF NOT v_found THEN
+        IF v_found IS NOT TRUE THEN
             o_detail := pgstate.head_json(p_tenant, p_stream_id)
                 || jsonb_build_object('event', p_event, 'expected_state', p_expected_state,
                                       'expected_version', p_expected_version,
@@ -281,7 +283,8 @@ BEGIN
         RETURN ('rejected', o_code, o_message, o_detail ->> 'state', NULL,
                 (o_detail ->> 'version')::bigint, NULL, NULL,
                 (o_detail ->> 'lease_epoch')::bigint,
-                (o_detail ->> 'deadline_at')::timestamptz, o_lock_wait_us, o_detail)
+                (o_detail ->> 'deadline_at')::timestamptz,
+                coalesce((extract(epoch FROM v_now - v_started) * 1000000)::bigint, 0), o_detail)
                ::pgstate.transition_outcome;
     END IF;
 
@@ -289,28 +292,25 @@ BEGIN
     IF v_last_tx > pg_current_xact_id() THEN
         PERFORM pgstate.check_writer_order(p_tenant, p_stream_id, v_last_tx);
     END IF;
-    o_outcome := 'applied';
-    o_from_state := v_state;
-    o_version := v_version + 1;
-    o_lease_epoch := v_epoch;
-    IF v_is_timeout THEN
-        -- The timeout fences whoever held the lease: their epoch is now stale.
-        o_lease_epoch := o_lease_epoch + 1;
-        v_owner := NULL;
-        v_expires := NULL;
-    ELSIF p_release_lease AND p_lease_epoch IS NOT NULL THEN
+    -- From here the head row's values are the new head's, computed in the statements below
+    -- rather than assigned one by one: each assignment is one more expression to prepare in
+    -- every new transaction.
+    IF v_is_timeout OR (p_release_lease AND p_lease_epoch IS NOT NULL) THEN
+        IF v_is_timeout THEN
+            -- The timeout fences whoever held the lease: their epoch is now stale.
+            v_epoch := v_epoch + 1;
+        END IF;
         v_owner := NULL;
         v_expires := NULL;
     END IF;
-    o_deadline_at := v_now + v_target_timeout;
 
     INSERT INTO pgstate.events (tenant, stream_id, version, category, type, data, metadata,
                                 event_id, causation_id, correlation_id, actor, traceparent,
                                 machine_version)
-    VALUES (p_tenant, p_stream_id, o_version, v_category, coalesce(p_event_type, p_event),
+    VALUES (p_tenant, p_stream_id, v_version + 1, v_category, coalesce(p_event_type, p_event),
             coalesce(p_data, '{}'::jsonb),
             jsonb_strip_nulls(jsonb_build_object(
-                'from_state', o_from_state, 'to_state', o_to_state, 'reason', p_reason,
+                'from_state', v_state, 'to_state', o_to_state, 'reason', p_reason,
                 'event', CASE WHEN p_event_type IS NOT NULL THEN p_event END,
                 'idempotency_key', p_idempotency_key, 'lease_epoch', p_lease_epoch,
                 'timeout', CASE WHEN v_is_timeout THEN true END)),
@@ -319,20 +319,22 @@ BEGIN
     RETURNING tx, pos INTO o_tx, o_pos;
 
     UPDATE pgstate.streams
-       SET state = o_to_state, version = o_version, deadline_at = o_deadline_at,
-           lease_epoch = o_lease_epoch, lease_owner = v_owner, lease_expires_at = v_expires,
+       SET state = o_to_state, version = v_version + 1, deadline_at = v_now + v_target_timeout,
+           lease_epoch = v_epoch, lease_owner = v_owner, lease_expires_at = v_expires,
            updated_at = v_now, last_tx = pg_current_xact_id()
      WHERE tenant = p_tenant AND stream_id = p_stream_id;
 
     IF p_idempotency_key IS NOT NULL THEN
         INSERT INTO pgstate.idempotency_keys (tenant, stream_id, key, request_hash, result)
         VALUES (p_tenant, p_stream_id, p_idempotency_key, v_hash,
-                jsonb_build_object('from_state', o_from_state, 'to_state', o_to_state,
-                                   'version', o_version, 'tx', o_tx::text, 'pos', o_pos,
-                                   'lease_epoch', o_lease_epoch, 'deadline_at', o_deadline_at));
+                jsonb_build_object('from_state', v_state, 'to_state', o_to_state,
+                                   'version', v_version + 1, 'tx', o_tx::text, 'pos', o_pos,
+                                   'lease_epoch', v_epoch,
+                                   'deadline_at', v_now + v_target_timeout));
     END IF;
-    RETURN (o_outcome, o_code, o_message, o_from_state, o_to_state, o_version,
-            o_tx, o_pos, o_lease_epoch, o_deadline_at, o_lock_wait_us, o_detail)
+    RETURN ('applied', NULL, NULL, v_state, o_to_state, v_version + 1, o_tx, o_pos, v_epoch,
+            v_now + v_target_timeout,
+            coalesce((extract(epoch FROM v_now - v_started) * 1000000)::bigint, 0), NULL)
            ::pgstate.transition_outcome;
 END;
 $$;

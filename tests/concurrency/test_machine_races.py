@@ -124,3 +124,34 @@ def test_agents_racing_for_one_step_apply_it_once(fresh_store: Store) -> None:
     assert wins == Counter({stream: 1 for stream in streams})
     for stream in streams:
         assert history_types(store, stream) == ["$created", "start"]
+
+
+class Door(Machine):
+    closed = State(initial=True)
+    opened = State()
+
+    open_door = closed.to(opened)
+    close_door = opened.to(closed)
+
+
+def test_lock_wait_is_timed_only_when_the_stream_was_busy(fresh_store: Store) -> None:
+    store = fresh_store
+    store.register(Door)
+    store.create("door-1", Door)
+    free = store.transition("door-1", "open_door")
+    assert free.lock_wait_us == 0
+    waited: list[Any] = []
+    with psycopg.connect(libpq_dsn(store.engine.url)) as holder:
+        # A transition in a transaction left open holds the stream's lock until it ends.
+        with holder.transaction():
+            store.transition("door-1", "close_door", conn=holder)
+            waiter = threading.Thread(
+                target=lambda: waited.append(store.transition("door-1", "open_door"))
+            )
+            waiter.start()
+            time.sleep(0.3)
+            assert not waited, "the second transition went ahead of the lock"
+        waiter.join(timeout=10)
+    [result] = waited
+    assert result.outcome == "applied" and result.from_state == "closed"
+    assert 250_000 <= result.lock_wait_us < 10_000_000
