@@ -269,7 +269,8 @@ class Instance:
 class TransitionResult:
     """The outcome of a transition: ``applied``, ``duplicate`` (an earlier attempt with the
     same idempotency key applied it; this is its result) or ``rejected`` (only from
-    ``try_transition``, with the typed error in ``error``)."""
+    ``try_transition``, with the typed error in ``error``). ``lock_wait_us`` is how long
+    the call waited for the stream's lock, in microseconds: 0 when no one held it."""
 
     outcome: str
     stream_id: str
