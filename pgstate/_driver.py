@@ -25,10 +25,11 @@ _CURSOR_ATTRIBUTE = "_pgstate_cursor"
 
 def _prepare_adapters(adapters: AdaptersMap) -> None:
     # xid8 has no loader in psycopg; it is a 64-bit unsigned counter that fits an int8
-    # for the next few hundred thousand years of transactions.
-    if adapters.get_loader(_XID8_OID, Format.BINARY) is None:
-        adapters.register_loader(_XID8_OID, Int8BinaryLoader)
-        adapters.register_loader(_XID8_OID, IntLoader)
+    # for the next few hundred thousand years of transactions. Registered whatever is
+    # there already: these adapters are pgstate's own (its connections', or its cursor's
+    # copy of a caller's), and the read path relies on tx coming back as an int.
+    adapters.register_loader(_XID8_OID, Int8BinaryLoader)
+    adapters.register_loader(_XID8_OID, IntLoader)
 
 
 def _configure(cursor: psycopg.Cursor[TupleRow] | psycopg.AsyncCursor[TupleRow]) -> None:

@@ -134,6 +134,11 @@ class Door(Machine):
     close_door = opened.to(closed)
 
 
+WAITING_FOR_A_STREAM_LOCK = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+)
+
+
 def test_lock_wait_is_timed_only_when_the_stream_was_busy(fresh_store: Store) -> None:
     store = fresh_store
     store.register(Door)
@@ -149,7 +154,12 @@ def test_lock_wait_is_timed_only_when_the_stream_was_busy(fresh_store: Store) ->
                 target=lambda: waited.append(store.transition("door-1", "open_door"))
             )
             waiter.start()
-            time.sleep(0.3)
+            with psycopg.connect(libpq_dsn(store.engine.url), autocommit=True) as admin:
+                deadline = time.monotonic() + 10
+                while not admin.execute(WAITING_FOR_A_STREAM_LOCK).fetchall()[0][0]:
+                    assert time.monotonic() < deadline, "the second transition never waited"
+                    time.sleep(0.005)
+            time.sleep(0.3)  # counted from when it was already waiting
             assert not waited, "the second transition went ahead of the lock"
         waiter.join(timeout=10)
     [result] = waited

@@ -187,7 +187,7 @@ def test_a_page_mixing_events_with_and_without_metadata_keeps_each_its_own(
     store: Store, conn: Connection
 ) -> None:
     # Metadata is decoded a page at a time: each event must get its own back, or none.
-    given: list[dict[str, object]] = [{}, {"n": 1}, {}, {}, {"n": 4, "big": 2**70}, {"n": 5}]
+    given: list[dict[str, object]] = [{}, {"n": 1}, {}, {}, {"n": 4, "big": 2**70 + 1}, {"n": 5}]
     batch = [NewEvent(type="Noted", data={"i": i}, metadata=m) for i, m in enumerate(given)]
     store.append("order-23", batch, conn=conn)
     stored = store.read_stream("order-23", conn=conn)

@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
@@ -78,6 +80,25 @@ def test_caller_json_loads_and_adapters_left_alone(store: Store, pgstate_db: str
         assert conn.execute("SELECT '{\"k\": 1}'::jsonb").fetchone() == ({"k": 1},)
         assert len(calls) == 1
         assert conn.adapters.get_loader(XID8_OID, Format.BINARY) is None
+
+
+def test_callers_own_xid8_loader_does_not_reach_positions(store: Store, pgstate_db: str) -> None:
+    class Xid8AsText(Loader):
+        def load(self, data: Buffer) -> str:
+            return "xid:" + bytes(data).hex()
+
+    class Xid8BinaryAsText(Xid8AsText):
+        format = Format.BINARY
+
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as conn:
+        conn.adapters.register_loader(XID8_OID, Xid8AsText)
+        conn.adapters.register_loader(XID8_OID, Xid8BinaryAsText)
+        store.append("caller-xid-1", [NewEvent(type="A", data={})], conn=conn)
+        (event,) = store.read_stream("caller-xid-1", conn=conn)
+        assert type(event.position.tx) is int and event.position.tx > 0
+        # The caller's own queries still get the caller's loader.
+        row = conn.execute("SELECT pg_current_xact_id()").fetchone()
+        assert row is not None and str(row[0]).startswith("xid:")
 
 
 def test_integers_beyond_64_bits_read_back_exact(store: Store, pgstate_db: str) -> None:
