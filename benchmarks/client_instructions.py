@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from instructions import RAW_SCHEMA  # the harness's raw tables, as the server count uses
 from psycopg.types.json import Jsonb
-from scale import Toggle  # the two-state machine profile_transition.py uses too
+from scale import Toggle, toggle_store  # the machine and set-up profile_transition.py uses too
 
 from pgstate import NewEvent, StaleState, Store
 from pgstate._connect import libpq_dsn
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     server = EmbeddedPostgres(settings={"fsync": "off", "synchronous_commit": "off"}).start()
     try:
         dsn = server.url()
-        store = Store(dsn)
-        store.migrate()
-        store.register(Toggle)
+        store = toggle_store(dsn)
         with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
             conn.execute(RAW_SCHEMA)
         variants = args.only.split(",")

@@ -15,9 +15,8 @@ import time
 from typing import Any
 
 import psycopg
-from scale import Toggle  # the same machine as the scale benchmark
+from scale import Toggle, toggle_store  # the same machine as the scale benchmark
 
-from pgstate import Store
 from pgstate._connect import libpq_dsn
 from pgstate._embedded import EmbeddedPostgres
 
@@ -53,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ).start()
     try:
         dsn = server.url()
-        store = Store(dsn)
-        store.migrate()
-        store.register(Toggle)
+        store = toggle_store(dsn)
         with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             instances = [f"toggle-{n}" for n in range(100)]

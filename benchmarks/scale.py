@@ -41,6 +41,15 @@ class Toggle(Machine):
     finish = on.to(done)
 
 
+def toggle_store(dsn: str) -> Store:
+    """A store on a migrated database with the Toggle machine registered: the set-up the
+    scale, profile and client-instruction benchmarks share."""
+    store = Store(dsn)
+    store.migrate()
+    store.register(Toggle)
+    return store
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -167,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         server = EmbeddedPostgres(settings={"max_wal_size": "4GB"}).start()
         dsn = server.url()
     try:
-        store = Store(dsn)
-        store.migrate()
-        store.register(Toggle)
+        store = toggle_store(dsn)
         results: list[dict[str, Any]] = []
         filled = 0
         with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
