@@ -191,9 +191,12 @@ def transition(
     ) = rows[0]
     error: Rejected | None = None
     if outcome == "rejected":
-        error = REJECTIONS[code](message, sqlstate=code, detail=detail)
         if raise_rejection:
-            raise error
+            # Raised without a name in this frame: a local would tie the exception to its
+            # own traceback (frame -> error -> traceback -> frame), a cycle that only the
+            # garbage collector frees, for every caught rejection.
+            raise REJECTIONS[code](message, sqlstate=code, detail=detail)
+        error = REJECTIONS[code](message, sqlstate=code, detail=detail)
     return TransitionResult(
         outcome=outcome,
         stream_id=stream_id,
