@@ -50,6 +50,8 @@ def check_identifier(value: object, field: str, max_length: int = MAX_STREAM_ID)
         raise InvalidInput(f"{field} must be 1 to {max_length} characters", detail={"field": field})
     if "\x00" in value:
         raise InvalidInput(f"{field} must not contain NUL characters", detail={"field": field})
+    if value.isascii():  # a flag on the string: no copy, and no surrogate possible
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

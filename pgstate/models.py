@@ -51,6 +51,8 @@ def encode_json_sized(value: Any, what: str) -> tuple[str, int]:
     # backslash followed by the text "u0000".
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise ValueError(f"{what} contains a NUL character")
+    if text.isascii():
+        return text, len(text)
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
