@@ -4,6 +4,7 @@ functions refuse bad input on their own too, for callers that bypass Python."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -510,6 +511,78 @@ def test_append_v1_rejects_bad_input(pgstate_db: str, overrides: dict[str, Any])
         with pytest.raises(psycopg.Error) as caught:
             connection.execute(APPEND_V1, append_params(**overrides))
         assert caught.value.diag.sqlstate == "SM012", caught.value.diag.message_primary
+        assert event_rows(connection) == before
+
+
+MALFORMED = (
+    "each event needs an id, a type of 1 to 200 characters and JSON objects as data and metadata"
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"event_ids": [uuid.uuid4(), None]},
+        {"data": ["{}", " [1, 2]"]},
+        {"metadata": ["{}", "1"]},
+        {"types": ["Opened", ""]},
+    ],
+    ids=["null-event-id", "data-array", "metadata-number", "empty-type"],
+)
+def test_a_malformed_batch_is_refused_by_the_insert_with_the_same_error(
+    pgstate_db: str, overrides: dict[str, Any]
+) -> None:
+    # A batch's events are checked in the insert that stores them: the refusal is the one
+    # a single event gets, and the aborted insert leaves nothing behind.
+    with psycopg.connect(pgstate_db, autocommit=True) as connection:
+        before = event_rows(connection)
+        with pytest.raises(psycopg.Error) as caught:
+            connection.execute(APPEND_V1, append_params(**overrides))
+        assert caught.value.diag.message_primary == MALFORMED
+        assert json.loads(caught.value.diag.message_detail or "") == {"field": "events"}
+        assert event_rows(connection) == before
+        batch = append_params(**overrides)
+        # The same malformed event alone (the second of each array, where it is given).
+        single = {
+            key: value[1:] if isinstance(value, list) and len(value) == 2 else value
+            for key, value in batch.items()
+        }
+        with pytest.raises(psycopg.Error) as alone:
+            connection.execute(APPEND_V1, single)
+        assert alone.value.diag.message_primary == MALFORMED
+        assert event_rows(connection) == before
+
+
+def test_a_batch_accepts_json_objects_after_whitespace(pgstate_db: str) -> None:
+    # The insert's check takes the cheap test first ('{' at the start) and trims only
+    # when that fails: text led by whitespace is still an object.
+    stream_id = f"direct-{uuid.uuid4().hex[:8]}"
+    params = append_params(
+        stream_id=stream_id,
+        data=[' \n\t{"a": 1}', "{}"],
+        metadata=["\r {}", None],
+    )
+    with psycopg.connect(pgstate_db, autocommit=True) as connection:
+        row = connection.execute(APPEND_V1, params).fetchone()
+        assert row is not None and row[:2] == (1, 2)
+        stored = connection.execute(
+            "SELECT data, metadata FROM pgstate.events WHERE stream_id = %s ORDER BY version",
+            (stream_id,),
+        ).fetchall()
+        assert stored == [({"a": 1}, {}), ({}, {})]
+
+
+def test_a_malformed_batch_at_the_wrong_version_is_a_version_conflict(pgstate_db: str) -> None:
+    # The stream's version is checked before the insert finds a malformed event.
+    stream_id = f"direct-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pgstate_db, autocommit=True) as connection:
+        before = event_rows(connection)
+        with pytest.raises(psycopg.Error) as caught:
+            connection.execute(
+                APPEND_V1,
+                append_params(stream_id=stream_id, expected=3, data=["{}", "[]"]),
+            )
+        assert caught.value.diag.sqlstate == "SM004"
         assert event_rows(connection) == before
 
 
