@@ -30,7 +30,7 @@ from instructions import RAW_SCHEMA  # the harness's raw tables, as the server c
 from psycopg.types.json import Jsonb
 from scale import Toggle, toggle_store  # the machine and set-up profile_transition.py uses too
 
-from pgstate import NewEvent, StaleState, Store
+from pgstate import NewEvent, StaleState, Store, VersionConflict
 from pgstate._connect import libpq_dsn
 from pgstate._embedded import EmbeddedPostgres
 
@@ -51,6 +51,15 @@ SELECT %(s)s,
 FROM t
 RETURNING version
 """
+RAW_APPEND_EXPECTED = """
+INSERT INTO events (stream_id, version, type, data)
+SELECT %(s)s, %(base)s + x.ord, x.t, x.d
+FROM unnest(%(types)s::text[], %(datas)s::jsonb[]) WITH ORDINALITY AS x(t, d, ord)
+WHERE %(base)s = 0
+   OR EXISTS (SELECT 1 FROM events WHERE stream_id = %(s)s AND version = %(base)s)
+RETURNING version
+"""
+RAW_CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s"
 RAW_APPEND_ANY = """
 INSERT INTO events (stream_id, version, type, data)
 SELECT %(s)s, b.v + x.ord, x.t, x.d
@@ -71,6 +80,8 @@ VARIANTS = {
     "pgstate_transition_lost": "Store.transition refused with StaleState, caught",
     "raw_append": "INSERT of one event at the stream's end (harness raw, expected any)",
     "pgstate_append": "Store.append of one NewEvent built from a dict (as the peer driver)",
+    "raw_append_conflict": "INSERT at version 1 of a stream already there, then its version",
+    "pgstate_append_conflict": "Store.append at version 1 of a stream already there, caught",
     "raw_batch_event": f"append of {BATCH} events at once, per event (harness raw, as its fill)",
     "pgstate_batch_event": f"Store.append of {BATCH} NewEvents built from dicts, per event",
     "raw_read_all_event": f"read_all, per event, pages of {READ_PAGE} (harness raw)",
@@ -138,6 +149,36 @@ def child(variant: str, calls: int, dsn: str) -> None:
                 "datas": [Jsonb(e["data"]) for e in events],
             }
             conn.execute(RAW_APPEND_ANY, params).fetchall()
+    elif variant.endswith("_append_conflict"):
+        # A contended append that lost, as each driver's harness client handles it: raw
+        # catches the unique violation and asks for the stream's version; pgstate's peer
+        # driver takes it from the VersionConflict.
+        stream_id = f"contended-{run}"
+        store.append(stream_id, [NewEvent(type="Happened", data={})], conn=conn)
+        conn.execute(
+            "INSERT INTO events (stream_id, version, type, data) VALUES (%s, 1, 'Happened', '{}')",
+            (stream_id,),
+        )
+        for call in range(calls):
+            events = [{"type": "Happened", "data": {"n": call}}]
+            if variant == "pgstate_append_conflict":
+                batch = [NewEvent(type=e["type"], data=e["data"]) for e in events]
+                try:
+                    store.append(stream_id, batch, expected_version=0, conn=conn)
+                except VersionConflict as conflict:
+                    assert conflict.current_version == 1
+            else:
+                params = {
+                    "s": stream_id,
+                    "base": 0,
+                    "types": [e["type"] for e in events],
+                    "datas": [Jsonb(e["data"]) for e in events],
+                }
+                try:
+                    conn.execute(RAW_APPEND_EXPECTED, params).fetchall()
+                except psycopg.errors.UniqueViolation:
+                    row = conn.execute(RAW_CURRENT_VERSION, (stream_id,)).fetchone()
+                    assert row is not None and row[0] == 1
     elif variant.endswith("_batch_event"):
         # The harness's fill: each batch goes to a fresh stream's end, as in read_back.
         for call in range(calls // BATCH):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgstate import Store
+from pgstate import NewEvent, Store
 from pgstate._connect import libpq_dsn
 from pgstate._embedded import EmbeddedPostgres
 from pgstate.machine import Machine, State
@@ -63,6 +63,9 @@ PREPARED = {
     "append_one_v2": """PREPARE q(text, bigint, uuid) AS
         SELECT to_version FROM pgstate.append_one_v2('default', $1, $2, $3, 'Happened', '{"n": 1}',
                                             NULL, NULL, NULL, NULL, NULL, NULL);""",
+    "append_one_v3": """PREPARE q(text, bigint, uuid) AS
+        SELECT to_version FROM pgstate.append_one_v3('default', $1, $2, $3, 'Happened', '{"n": 1}',
+                                            NULL, NULL, NULL, NULL, NULL, NULL, 'return');""",
     "append_one_v1": """PREPARE q(text, bigint, uuid) AS
         SELECT to_version FROM pgstate.append_one_v1('default', $1, $2, $3, 'Happened', '{"n": 1}',
                                             NULL, NULL, NULL, NULL, NULL, NULL);""",
@@ -79,6 +82,9 @@ PREPARED = {
               FROM unnest($3, $4) WITH ORDINALITY AS x(t, d, ord)
             RETURNING version)
         SELECT max(version) FROM appended;""",
+    "append_v2_100": """PREPARE q(text, bigint, uuid[], text[], text[]) AS
+        SELECT to_version FROM pgstate.append_v2('default', $1, $2, $3, $4, $5, NULL, NULL,
+                                                 NULL, NULL, NULL, NULL, 'return');""",
     "append_v1_100": """PREPARE q(text, bigint, uuid[], text[], text[]) AS
         SELECT to_version FROM pgstate.append_v1('default', $1, $2, $3, $4, $5, NULL, NULL,
                                                  NULL, NULL, NULL, NULL);""",
@@ -103,7 +109,19 @@ PREPARED = {
 # A racer that lost: the compare-and-set finds the state moved on.
 PREPARED["raw_transition_lost"] = PREPARED["raw_transition"]
 PREPARED["transition_v3_lost"] = PREPARED["transition_v3"]
+# A contended append that lost: the stream is past the expected version. raw's INSERT and
+# append_one_v2 fail with an ERROR; append_one_v3 returns the refusal as a row. raw's driver
+# then asks for the stream's version in a second statement (raw_current_version); pgstate's
+# reads it from the refusal's detail.
+PREPARED["raw_append_conflict"] = PREPARED["raw_append"]
+PREPARED["append_one_v2_conflict"] = PREPARED["append_one_v2"]
+PREPARED["append_one_v3_conflict"] = PREPARED["append_one_v3"]
+FAILING = {"raw_append_conflict", "append_one_v2_conflict"}  # every call is an ERROR
+PREPARED["raw_current_version"] = """PREPARE q(text) AS
+    SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1;"""
+CONFLICT_STREAM = "contended"  # holds one event in both logs; every conflict asks for 0
 BASELINE_OF = {
+    "append_v2_100": "raw_append_100",
     "append_v1_100": "raw_append_100",
     "transition_v3_lost": "raw_transition_lost",
     "append_one_v2": "raw_append",
@@ -111,6 +129,9 @@ BASELINE_OF = {
     "append_v1": "raw_append",
     "transition_v3": "raw_transition",
     "transition_v2": "raw_transition",
+    "append_one_v2_conflict": "raw_append_conflict",
+    "append_one_v3_conflict": "raw_append_conflict",
+    "append_one_v3": "raw_append",
 }
 
 
@@ -139,6 +160,12 @@ def executions(variant: str, calls: int, run: str) -> list[str]:
     of them and back, so that every call is applied."""
     if variant == "raw_append":
         return [f"EXECUTE q('raw-{run}', {n});" for n in range(calls)]
+    if variant == "raw_append_conflict":
+        return [f"EXECUTE q('{CONFLICT_STREAM}', 0);"] * calls
+    if variant == "raw_current_version":
+        return [f"EXECUTE q('{CONFLICT_STREAM}');"] * calls
+    if variant in ("append_one_v2_conflict", "append_one_v3_conflict"):
+        return [f"EXECUTE q('{CONFLICT_STREAM}', 0, '{uuid.uuid4()}');" for _ in range(calls)]
     if variant.endswith("_100"):
         types = "'{" + ",".join(["Filled"] * 100) + "}'"
         data = "'{" + ",".join(f'"{{\\"i\\": {i}}}"' for i in range(100)) + "}'"
@@ -192,7 +219,9 @@ class SingleUser:
             self.uid, self.gid = entry.pw_uid, entry.pw_gid
             os.chown(workdir, entry.pw_uid, entry.pw_gid)
 
-    def instructions(self, script: str, name: str, rejections: bool = False) -> int:
+    def instructions(
+        self, script: str, name: str, rejections: bool = False, errors: int = 0
+    ) -> int:
         path = self.workdir / f"{name}.{uuid.uuid4().hex[:8]}.out"
         options: dict[str, object] = {"input": script, "text": True, "capture_output": True}
         if self.uid is not None:
@@ -212,7 +241,9 @@ class SingleUser:
         done = subprocess.run(command, **options)  # type: ignore[call-overload]
         # A rejected transition would count a cheaper path than the one measured.
         rejected = '"rejected"' in done.stdout and not rejections
-        if "ERROR" in done.stdout or "ERROR" in done.stderr or rejected:
+        # A conflict variant's every call fails, and only those.
+        failed = (done.stdout + done.stderr).count("ERROR:")
+        if failed != errors or rejected:
             raise RuntimeError(f"a statement failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         summary = re.search(r"^(?:summary|totals): (\d+)", path.read_text(), re.MULTILINE)
         if summary is None:
@@ -231,7 +262,10 @@ def per_call(single: SingleUser, variant: str, calls: int) -> float:
         prepare = " ".join(PREPARED[variant].split())
         script = [prepare, *executions(variant, count, uuid.uuid4().hex[:8])]
         lost = variant.endswith("_lost")
-        counts.append(single.instructions("\n".join(script) + "\n", f"{variant}-{count}", lost))
+        errors = count if variant in FAILING else 0
+        counts.append(
+            single.instructions("\n".join(script) + "\n", f"{variant}-{count}", lost, errors)
+        )
     return (counts[1] - counts[0]) / calls
 
 
@@ -250,6 +284,11 @@ def prepare(server: EmbeddedPostgres) -> None:
         conn.execute(RAW_SCHEMA)  # type: ignore[arg-type]
         for number in range(1, INSTANCES + 1):
             store.create(f"flip-{number}", Flip, conn=conn)
+        conn.execute(
+            "INSERT INTO events (stream_id, version, type, data) VALUES (%s, 1, 'Happened', '{}')",
+            (CONFLICT_STREAM,),
+        )
+        store.append(CONFLICT_STREAM, [NewEvent(type="Happened", data={})], conn=conn)
     store.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any, LiteralString
 from pgstate._json import loads, loads_each
 from pgstate._sql import query
 from pgstate.config import Settings
-from pgstate.errors import InvalidInput
+from pgstate.errors import REJECTIONS, InvalidInput
 from pgstate.models import (
     NO_METADATA,
     AppendResult,
@@ -145,14 +145,20 @@ def append_statement(
     expected: int,
     actor: str | None,
     traceparent: str | None,
+    abort_on_conflict: bool,
 ) -> Statement:
+    """The statement of one stream's append. A version conflict comes back as a row that
+    append_result raises, which leaves the transaction open, or with ``abort_on_conflict``
+    as an ERROR, which aborts it."""
     if len(events) == 1:
-        return append_one_statement(tenant, stream_id, events[0], expected, actor, traceparent)
+        return append_one_statement(
+            tenant, stream_id, events[0], expected, actor, traceparent, abort_on_conflict
+        )
     # Unused optional columns go as NULL (cheapest to send); unnest pads them with NULLs.
     encoded = [e.encoded for e in events]
     metadata = [item[1] for item in encoded]
     return Statement(
-        query("append"),
+        query("append_raising" if abort_on_conflict else "append"),
         {
             "tenant": tenant,
             "stream_id": stream_id,
@@ -183,11 +189,12 @@ def append_one_statement(
     expected: int,
     actor: str | None,
     traceparent: str | None,
+    abort_on_conflict: bool,
 ) -> Statement:
     # The common single-event call, as scalars: no arrays to dump or unpack.
     data, metadata, _ = event.encoded
     return Statement(
-        query("append_one"),
+        query("append_one_raising" if abort_on_conflict else "append_one"),
         {
             "tenant": tenant,
             "stream_id": stream_id,
@@ -206,7 +213,12 @@ def append_one_statement(
 
 
 def append_result(stream_id: str, row: Row) -> AppendResult:
-    from_version, to_version, tx, first_pos, last_pos, duplicate = row
+    """The result of an append's row; a single event's conflict, returned as a row, is
+    raised here as the error the server would have raised."""
+    if len(row) > 6 and row[6] is not None:
+        # Raised without a local name: see _machine_ops.transition.
+        raise REJECTIONS[row[6]](row[7], sqlstate=row[6], detail=row[8])
+    from_version, to_version, tx, first_pos, last_pos, duplicate = row[:6]
     tx_int = int(tx)
     return AppendResult(
         stream_id=stream_id,
@@ -235,6 +247,7 @@ def append(
         expected_code(expected_version),
         encode_actor(actor),
         traceparent,
+        abort_on_conflict=False,
     )
     rows = yield statement
     return append_result(stream_id, rows[0])
@@ -265,6 +278,8 @@ def append_many(
             expected_code(item.expected_version),
             actor_json,
             traceparent,
+            # A conflict must abort the whole write, the streams appended before it too.
+            abort_on_conflict=True,
         )
         work.append((stream_id, len(work), statement))
     for condition in conditions:

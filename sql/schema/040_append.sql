@@ -46,9 +46,6 @@ BEGIN
 END;
 $$;
 
--- append_v1: append a batch to one stream, checking the expected version first.
--- p_expected: -1 any, -2 the stream must exist, 0 no stream yet, n > 0 exactly n.
--- The optional arrays may be empty; unnest pads them with NULLs.
 -- The refusal of a batch holding a malformed event, raised from inside the insert that
 -- checks each event (so it is typed jsonb, the column it stands in for, and never returns).
 CREATE FUNCTION pgstate.refuse_batch_events() RETURNS jsonb
@@ -61,13 +58,20 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION pgstate.append_v1(
+-- append_v2: append a batch to one stream, checking the expected version first.
+-- p_expected: -1 any, -2 the stream must exist, 0 no stream yet, n > 0 exactly n.
+-- The optional arrays may be empty; unnest pads them with NULLs. A version conflict is
+-- raised as an error (p_on_conflict 'raise'), or returned in code, message and detail
+-- ('return'): an expected outcome of optimistic concurrency then costs the server no
+-- aborted transaction and no logged ERROR, and the caller's transaction goes on.
+CREATE FUNCTION pgstate.append_v2(
     p_tenant text, p_stream_id text, p_expected bigint,
     p_event_ids uuid[], p_types text[], p_data text[], p_metadata text[],
     p_schema_versions integer[], p_causation_ids uuid[], p_correlation_ids uuid[],
-    p_actor jsonb, p_traceparent text,
+    p_actor jsonb, p_traceparent text, p_on_conflict text,
     OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
-    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean,
+    OUT code text, OUT message text, OUT detail jsonb)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
@@ -123,6 +127,10 @@ BEGIN
         PERFORM pgstate.raise_error('SM012', 'unknown expected version',
             jsonb_build_object('field', 'expected_version', 'value', p_expected));
     END IF;
+    IF p_on_conflict IS NULL OR p_on_conflict NOT IN ('raise', 'return') THEN
+        PERFORM pgstate.raise_error('SM012', 'on_conflict must be raise or return',
+            jsonb_build_object('field', 'on_conflict'));
+    END IF;
 
     -- The stream lock (as pgstate.lock_stream), inline on this hot path.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
@@ -150,14 +158,24 @@ BEGIN
         END IF;
         IF (p_expected = -2 AND v_current IS NULL)
            OR (p_expected >= 0 AND coalesce(v_current, 0) <> p_expected) THEN
-            PERFORM pgstate.raise_error('SM004',
-                format('stream %s is at version %s, expected %s', p_stream_id,
-                       coalesce(v_current, 0),
-                       CASE p_expected WHEN -2 THEN 'an existing stream'
-                                       WHEN 0 THEN 'no stream'
-                                       ELSE p_expected::text END),
-                pgstate.head_json(p_tenant, p_stream_id)
-                    || jsonb_build_object('expected_version', p_expected));
+            message := format('stream %s is at version %s, expected %s', p_stream_id,
+                              coalesce(v_current, 0),
+                              CASE p_expected WHEN -2 THEN 'an existing stream'
+                                              WHEN 0 THEN 'no stream'
+                                              ELSE p_expected::text END);
+            detail := pgstate.head_json(p_tenant, p_stream_id)
+                      || jsonb_build_object('expected_version', p_expected);
+            IF p_on_conflict = 'return' THEN
+                code := 'SM004';
+                from_version := NULL;
+                to_version := NULL;
+                tx := NULL;
+                first_pos := NULL;
+                last_pos := NULL;
+                duplicate := NULL;
+                RETURN;
+            END IF;
+            PERFORM pgstate.raise_error('SM004', message, detail);
         END IF;
     END IF;
 
@@ -218,6 +236,25 @@ BEGIN
 END;
 $$;
 
+-- append_v1: append_v2 raising its conflicts, as the first release had it; kept for SQL
+-- callers and for application code deployed before append_v2.
+CREATE FUNCTION pgstate.append_v1(
+    p_tenant text, p_stream_id text, p_expected bigint,
+    p_event_ids uuid[], p_types text[], p_data text[], p_metadata text[],
+    p_schema_versions integer[], p_causation_ids uuid[], p_correlation_ids uuid[],
+    p_actor jsonb, p_traceparent text,
+    OUT from_version bigint, OUT to_version bigint, OUT tx xid8,
+    OUT first_pos bigint, OUT last_pos bigint, OUT duplicate boolean)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate
+      FROM pgstate.append_v2(
+        p_tenant, p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata,
+        p_schema_versions, p_causation_ids, p_correlation_ids, p_actor, p_traceparent,
+        'raise') a;
+$$;
+
 -- Stream locks for a multi-stream write, taken in the order given, before its first write.
 CREATE FUNCTION pgstate.lock_streams_v1(p_tenant text, p_stream_ids text[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
@@ -271,19 +308,28 @@ CREATE TYPE pgstate.append_outcome AS (
     from_version bigint, to_version bigint, tx xid8, first_pos bigint, last_pos bigint,
     duplicate boolean);
 
--- append_one_v2: append_v1 for one event, the common call, with scalar arguments (no arrays
+-- The row append_one_v3 returns: append_outcome, and for a conflict it was asked to return
+-- rather than raise, the refusal (code, message and detail as the error would carry them),
+-- as append_v2's last three columns.
+CREATE TYPE pgstate.append_one_outcome AS (
+    from_version bigint, to_version bigint, tx xid8, first_pos bigint, last_pos bigint,
+    duplicate boolean, code text, message text, detail jsonb);
+
+-- append_one_v3: append_v1 for one event, the common call, with scalar arguments (no arrays
 -- to build, send and unpack, and no per-array checks). It handles the plain case itself: a
 -- well-formed event, a stream that is not a machine instance, the expected version met
--- and, for "any" and "exists", an event id not stored yet. It refuses a plain version
--- conflict (an exact version not met, by an event id not stored) with append_v1's error.
--- Everything else (bad input, a retry, a writer-order refusal) goes to append_v1, which
--- answers it exactly as it would have answered the batch of one.
-CREATE FUNCTION pgstate.append_one_v2(
+-- and, for "any" and "exists", an event id not stored yet. It answers a plain version
+-- conflict (an exact version not met, by an event id not stored) with append_v1's refusal:
+-- raised as the error (p_on_conflict 'raise'), or returned as a row ('return'), which
+-- spares the server an aborted transaction and a logged ERROR for an expected outcome of
+-- optimistic concurrency. Everything else (bad input, a retry, a writer-order refusal)
+-- goes to append_v2, which answers it exactly as it would have answered the batch of one.
+CREATE FUNCTION pgstate.append_one_v3(
     p_tenant text, p_stream_id text, p_expected bigint,
     p_event_id uuid, p_type text, p_data text, p_metadata text,
     p_schema_version integer, p_causation_id uuid, p_correlation_id uuid,
-    p_actor jsonb, p_traceparent text)
-RETURNS pgstate.append_outcome
+    p_actor jsonb, p_traceparent text, p_on_conflict text)
+RETURNS pgstate.append_one_outcome
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '5s'
@@ -298,13 +344,16 @@ DECLARE
     v_last_tx xid8;
     v_tx xid8;
     v_pos bigint;
-    v_result pgstate.append_outcome;
+    v_result pgstate.append_one_outcome;
     v_plain boolean;
+    v_message text;
+    v_detail jsonb;
 BEGIN
     IF length(p_tenant) BETWEEN 1 AND 100 AND length(p_stream_id) BETWEEN 1 AND 200
        AND p_expected >= -2 AND p_event_id IS NOT NULL AND length(p_type) BETWEEN 1 AND 200
        AND left(ltrim(p_data, E' \t\n\r'), 1) = '{'
-       AND left(ltrim(coalesce(p_metadata, '{}'), E' \t\n\r'), 1) = '{' THEN
+       AND left(ltrim(coalesce(p_metadata, '{}'), E' \t\n\r'), 1) = '{'
+       AND p_on_conflict IN ('raise', 'return') THEN
         IF NOT pg_try_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0))
         THEN
             PERFORM pg_advisory_xact_lock(hashtextextended(p_tenant || '/' || p_stream_id, 0));
@@ -313,13 +362,17 @@ BEGIN
           FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
         v_plain := v_machine IS NULL AND coalesce(v_last_tx <= pg_current_xact_id(), true);
-        -- The id probe is its own statement, run only for "any" and "exists": inside the
-        -- expression above it made every call plan a custom plan (the planner folds the
-        -- probe away when the version matches, so the generic plan always looked dearer).
+        -- The id probe is its own statement, run only for "any" and "exists". An expression
+        -- that the planner can fold to a constant for some calls (an exact version made the
+        -- probe's condition false) gets a custom plan for every call, planned afresh.
         IF v_plain AND coalesce(v_current, 0) <> p_expected THEN
-            v_plain := (p_expected = -1 OR (p_expected = -2 AND v_current IS NOT NULL))
-                       AND NOT EXISTS (SELECT 1 FROM pgstate.events e
-                                        WHERE e.event_id = p_event_id);
+            IF p_expected >= 0 THEN
+                v_plain := false;
+            ELSE
+                v_plain := (p_expected = -1 OR v_current IS NOT NULL)
+                           AND NOT EXISTS (SELECT 1 FROM pgstate.events e
+                                            WHERE e.event_id = p_event_id);
+            END IF;
         END IF;
         IF v_plain THEN
             v_current := coalesce(v_current, 0);
@@ -339,26 +392,47 @@ BEGIN
                    SET version = v_current + 1, updated_at = clock_timestamp(), last_tx = v_tx
                  WHERE tenant = p_tenant AND stream_id = p_stream_id;
             END IF;
-            RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false)
-                   ::pgstate.append_outcome;
+            RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false, NULL, NULL, NULL)
+                   ::pgstate.append_one_outcome;
         END IF;
-        -- A plain conflict, refused here exactly as append_v1 refuses it: an exact version
-        -- the stream is not at, by an event whose id is not stored (so not a retry).
+        -- A plain conflict, refused exactly as append_v1 refuses it: an exact version the
+        -- stream is not at, by an event whose id is not stored (so not a retry). The detail
+        -- is the head row as head_json shapes it, then the expected version; head_json's
+        -- query is written out here, which costs a third of calling the SQL function.
         IF v_machine IS NULL AND p_expected >= 0 AND coalesce(v_current, 0) <> p_expected
         THEN
             IF NOT EXISTS (SELECT 1 FROM pgstate.events e WHERE e.event_id = p_event_id) THEN
-                PERFORM pgstate.raise_error('SM004',
-                    format('stream %s is at version %s, expected %s', p_stream_id,
-                           coalesce(v_current, 0),
-                           CASE p_expected WHEN 0 THEN 'no stream' ELSE p_expected::text END),
-                    pgstate.head_json(p_tenant, p_stream_id)
-                        || jsonb_build_object('expected_version', p_expected));
+                v_message := format('stream %s is at version %s, expected %s', p_stream_id,
+                                    coalesce(v_current, 0),
+                                    CASE p_expected WHEN 0 THEN 'no stream'
+                                                    ELSE p_expected::text END);
+                v_detail := coalesce(
+                    (SELECT jsonb_build_object(
+                         'tenant', s.tenant, 'stream_id', s.stream_id, 'category', s.category,
+                         'version', s.version, 'state', s.state, 'machine', s.machine,
+                         'machine_version', s.machine_version, 'lease_owner', s.lease_owner,
+                         'lease_epoch', s.lease_epoch, 'lease_expires_at', s.lease_expires_at,
+                         'deadline_at', s.deadline_at, 'archived', s.archived,
+                         'expected_version', p_expected)
+                       FROM pgstate.streams s
+                      WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id),
+                    jsonb_build_object('tenant', p_tenant, 'stream_id', p_stream_id,
+                                       'version', 0, 'expected_version', p_expected));
+                IF p_on_conflict = 'return' THEN
+                    RETURN (NULL, NULL, NULL, NULL, NULL, NULL, 'SM004', v_message, v_detail)
+                           ::pgstate.append_one_outcome;
+                END IF;
+                PERFORM pgstate.raise_error('SM004', v_message, v_detail);
             END IF;
         END IF;
+    ELSIF p_on_conflict IS NULL OR p_on_conflict NOT IN ('raise', 'return') THEN
+        PERFORM pgstate.raise_error('SM012', 'on_conflict must be raise or return',
+            jsonb_build_object('field', 'on_conflict'));
     END IF;
-    SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate
+    SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate, a.code,
+           a.message, a.detail
       INTO v_result
-      FROM pgstate.append_v1(p_tenant, p_stream_id, p_expected, ARRAY[p_event_id],
+      FROM pgstate.append_v2(p_tenant, p_stream_id, p_expected, ARRAY[p_event_id],
                              ARRAY[p_type], ARRAY[p_data],
                              CASE WHEN p_metadata IS NOT NULL THEN ARRAY[p_metadata] END,
                              CASE WHEN p_schema_version IS NOT NULL
@@ -367,9 +441,27 @@ BEGIN
                                   THEN ARRAY[p_causation_id] END,
                              CASE WHEN p_correlation_id IS NOT NULL
                                   THEN ARRAY[p_correlation_id] END,
-                             p_actor, p_traceparent) a;
+                             p_actor, p_traceparent, p_on_conflict) a;
     RETURN v_result;
 END;
+$$;
+
+-- append_one_v2: append_one_v3 raising its conflicts, as the third release had it; kept for
+-- SQL callers and for application code deployed before append_one_v3.
+CREATE FUNCTION pgstate.append_one_v2(
+    p_tenant text, p_stream_id text, p_expected bigint,
+    p_event_id uuid, p_type text, p_data text, p_metadata text,
+    p_schema_version integer, p_causation_id uuid, p_correlation_id uuid,
+    p_actor jsonb, p_traceparent text)
+RETURNS pgstate.append_outcome
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT o.from_version, o.to_version, o.tx, o.first_pos, o.last_pos, o.duplicate
+      FROM pgstate.append_one_v3(
+        p_tenant, p_stream_id, p_expected, p_event_id, p_type, p_data, p_metadata,
+        p_schema_version, p_causation_id, p_correlation_id, p_actor, p_traceparent,
+        'raise') o;
 $$;
 
 -- append_one_v1: append_one_v2 with OUT parameters, as the first release had it; kept for

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+import psycopg
 import pytest
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from pgstate import (
     ExpectedVersion,
@@ -47,12 +49,58 @@ def test_append_any_and_stream_exists(store: Store, conn: Connection) -> None:
 
 
 def test_stream_exists_on_missing_stream_conflicts(store: Store, conn: Connection) -> None:
-    # A rejection aborts the transaction it runs in, so the caller wraps it in a savepoint.
+    # A savepoint around the call works too, though a conflict no longer needs one.
     with pytest.raises(VersionConflict) as caught, conn.begin_nested():
         store.append("order-3", opened(), expected_version=ExpectedVersion.STREAM_EXISTS, conn=conn)
     assert caught.value.current_version == 0
     assert caught.value.sqlstate == "SM004"
     assert store.stream_state("order-3", conn=conn) is None
+    for events in (opened(), opened(2)):
+        with pytest.raises(VersionConflict) as again:
+            store.append(
+                "order-3", events, expected_version=ExpectedVersion.STREAM_EXISTS, conn=conn
+            )
+        assert again.value.message == "stream order-3 is at version 0, expected an existing stream"
+    assert store.stream_state("order-3", conn=conn) is None
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_conflict_leaves_the_callers_transaction_usable(fresh_store: Store, size: int) -> None:
+    # A version conflict is an answer, not a failure of the transaction: the caller catches
+    # it, appends at the version it carries, and commits what it did before and after.
+    fresh_store.append("order-30", opened())
+    with fresh_store.engine.begin() as conn:
+        fresh_store.append("order-31", opened(), conn=conn)
+        with pytest.raises(VersionConflict) as caught:
+            fresh_store.append("order-30", opened(size), expected_version=0, conn=conn)
+        current = caught.value.current_version
+        assert current == 1
+        fresh_store.append("order-30", opened(size), expected_version=current, conn=conn)
+    assert [e.version for e in fresh_store.read_stream("order-30")] == list(range(1, size + 2))
+    assert len(fresh_store.read_stream("order-31")) == 1
+
+
+def test_a_conflict_inside_append_many_aborts_the_callers_transaction(
+    fresh_store: Store,
+) -> None:
+    # A multi-stream write is all or nothing: the stream appended before the conflict must
+    # not commit, even if the caller catches the error and commits.
+    fresh_store.append("acct-d", opened())
+    with fresh_store.engine.connect() as conn:
+        conn.begin()
+        with pytest.raises(VersionConflict):
+            fresh_store.append_many(
+                [
+                    StreamAppend("acct-c", opened(), ExpectedVersion.NO_STREAM),
+                    StreamAppend("acct-d", opened(), 0),
+                ],
+                conn=conn,
+            )
+        with pytest.raises(DBAPIError) as aborted:
+            conn.execute(text("SELECT 1"))
+        assert isinstance(aborted.value.orig, psycopg.errors.InFailedSqlTransaction)
+        conn.rollback()
+    assert fresh_store.stream_state("acct-c") is None
 
 
 def test_version_conflict_carries_head_and_stores_nothing(store: Store, conn: Connection) -> None:

@@ -5,6 +5,7 @@ of the same history."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +21,22 @@ ONE = """SELECT from_version, to_version, duplicate FROM pgstate.append_one_v1(
     'default', %(stream)s, %(expected)s, %(id)s, %(type)s, %(data)s, NULL, NULL, NULL, NULL,
     NULL, NULL)"""
 ONE_V2 = ONE.replace("append_one_v1", "append_one_v2")
+ONE_V3 = """SELECT from_version, to_version, duplicate FROM pgstate.append_one_v3(
+    'default', %(stream)s, %(expected)s, %(id)s, %(type)s, %(data)s, NULL, NULL, NULL, NULL,
+    NULL, NULL, %(on_conflict)s)"""
 MANY = """SELECT from_version, to_version, duplicate FROM pgstate.append_v1(
     'default', %(stream)s, %(expected)s, ARRAY[%(id)s::uuid], ARRAY[%(type)s::text],
     ARRAY[%(data)s::text], NULL, NULL, NULL, NULL, NULL, NULL)"""
+MANY_V2 = """SELECT from_version, to_version, duplicate FROM pgstate.append_v2(
+    'default', %(stream)s, %(expected)s, ARRAY[%(id)s::uuid], ARRAY[%(type)s::text],
+    ARRAY[%(data)s::text], NULL, NULL, NULL, NULL, NULL, NULL, %(on_conflict)s)"""
+# The conflict answered as a row: the refusal's columns, and a version column left NULL.
+RETURNED_ONE = """SELECT code, message, detail, from_version FROM pgstate.append_one_v3(
+    'default', %(stream)s, %(expected)s, %(id)s, 'A', '{}', NULL, NULL, NULL, NULL, NULL,
+    NULL, 'return')"""
+RETURNED_MANY = """SELECT code, message, detail, from_version FROM pgstate.append_v2(
+    'default', %(stream)s, %(expected)s, ARRAY[%(id)s::uuid], ARRAY['A'], ARRAY['{}'], NULL,
+    NULL, NULL, NULL, NULL, NULL, 'return')"""
 
 FIRST_ID = uuid.UUID("00000000-0000-7000-8000-000000000001")
 # (name, history appended first as (id, expected), then the call: id, expected, type, data)
@@ -95,19 +109,20 @@ def run_case(
         "type": event_type,
         "data": data,
     }
-    answer = outcome(conn, statement, params)
+    answer = outcome(conn, statement, {**params, "on_conflict": "raise"})
     return answer, before, stored(conn, stream)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_append_one_answers_as_append_v1(sql_conn: psycopg.Connection[Any], case: str) -> None:
     answers = []
-    for tag, statement in (("one", ONE), ("two", ONE_V2), ("many", MANY)):
+    statements = [("one", ONE), ("two", ONE_V2), ("three", ONE_V3), ("many", MANY)]
+    for tag, statement in [*statements, ("many2", MANY_V2)]:
         answer, before, after = run_case(sql_conn, statement, case, f"parity{tag}")
         if isinstance(answer, str):  # refused: nothing changed
             assert after == before, (case, tag)
         answers.append(answer)
-    assert answers[0] == answers[1] == answers[2], case
+    assert all(answer == answers[0] for answer in answers), (case, answers)
 
 
 def test_append_one_expected_outcomes(sql_conn: psycopg.Connection[Any]) -> None:
@@ -172,3 +187,43 @@ def test_a_conflict_reads_as_append_v1s(sql_conn: psycopg.Connection[Any], expec
     assert refusals[0] == refusals[1]
     assert refusals[0][0] == "SM004"
     assert stored(sql_conn, stream) == (1, 1)
+
+
+@pytest.mark.parametrize("expected", [0, 3, -2])
+def test_a_returned_conflict_is_the_raised_one(
+    sql_conn: psycopg.Connection[Any], expected: int
+) -> None:
+    # 'return' answers a conflict with the refusal 'raise' raises: same SQLSTATE, message
+    # and detail (the head row and the expected version), and nothing stored.
+    stream = f"returned-{uuid.uuid4().hex[:8]}"
+    if expected != -2:
+        first = {"stream": stream, "expected": 0, "id": uuid.uuid4(), "type": "A", "data": "{}"}
+        sql_conn.execute(ONE_V2, first)
+    params = {"stream": stream, "expected": expected, "type": "A", "data": "{}"}
+    before = stored(sql_conn, stream)
+    with pytest.raises(psycopg.Error) as refused:
+        sql_conn.execute(ONE_V2, {**params, "id": uuid.uuid4()})
+    diagnostic = refused.value.diag
+    raised = (refused.value.sqlstate, diagnostic.message_primary)
+    raised_detail = json.loads(diagnostic.message_detail or "")
+    assert raised[0] == "SM004" and raised_detail["expected_version"] == expected
+    for statement in (RETURNED_ONE, RETURNED_MANY):
+        row = sql_conn.execute(statement, {**params, "id": uuid.uuid4()}).fetchone()
+        assert row is not None
+        code, message, detail, from_version = row
+        assert ((code, message), detail, from_version) == (raised, raised_detail, None)
+    assert stored(sql_conn, stream) == before
+
+
+@pytest.mark.parametrize("on_conflict", [None, "ignore"])
+def test_an_unknown_on_conflict_is_refused(
+    sql_conn: psycopg.Connection[Any], on_conflict: str | None
+) -> None:
+    stream = f"unknown-{uuid.uuid4().hex[:8]}"
+    params = {"stream": stream, "expected": 0, "type": "A", "data": "{}"}
+    for statement in (ONE_V3, MANY_V2):
+        answer = outcome(
+            sql_conn, statement, {**params, "id": uuid.uuid4(), "on_conflict": on_conflict}
+        )
+        assert answer == "SM012", statement
+    assert stored(sql_conn, stream) == (0, None)
