@@ -6,6 +6,7 @@ garbage collector, which then runs more often in every process that races."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import types
 import uuid
@@ -44,17 +45,18 @@ def pgstate_tracebacks(garbage: list[Any]) -> list[types.TracebackType]:
     ]
 
 
-def cyclic_garbage(action: Callable[[], None]) -> list[types.TracebackType]:
-    """Run ``action`` CALLS times with the collector off, then collect, keeping what it
-    found unreachable."""
+@contextlib.contextmanager
+def garbage_kept() -> Iterator[list[types.TracebackType]]:
+    """The collector off for the block, then one collection: the pgstate tracebacks it
+    found unreachable go into the list this yields."""
+    found: list[types.TracebackType] = []
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        for _ in range(CALLS):
-            action()
+        yield found
         gc.collect()
-        return pgstate_tracebacks(gc.garbage)
+        found.extend(pgstate_tracebacks(gc.garbage))
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -115,7 +117,10 @@ def test_a_caught_error_leaves_no_cycle(
         ),
         "bad input": expect(InvalidInput, lambda: store.transition("", "lift", conn=conn)),
     }
-    assert cyclic_garbage(calls[case]) == []
+    with garbage_kept() as found:
+        for _ in range(CALLS):
+            calls[case]()
+    assert found == []
 
 
 def test_an_async_rejection_leaves_no_cycle(pgstate_db: str, gates: dict[str, str]) -> None:
@@ -124,21 +129,15 @@ def test_an_async_rejection_leaves_no_cycle(pgstate_db: str, gates: dict[str, st
             connection = await psycopg.AsyncConnection.connect(
                 libpq_dsn(pgstate_db), autocommit=True
             )
-            gc.collect()
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)
             try:
-                for _ in range(CALLS):
-                    with pytest.raises(Rejected):
-                        await store.transition(
-                            gates["moved"], "lift", expected_state="closed", conn=connection
-                        )
-                gc.collect()
-                return pgstate_tracebacks(gc.garbage)
+                with garbage_kept() as found:
+                    for _ in range(CALLS):
+                        with pytest.raises(Rejected):
+                            await store.transition(
+                                gates["moved"], "lift", expected_state="closed", conn=connection
+                            )
+                return found
             finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-                gc.enable()
                 await connection.close()
 
     assert asyncio.run(rejected_calls()) == []
