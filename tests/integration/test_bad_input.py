@@ -529,11 +529,10 @@ MALFORMED = (
     ],
     ids=["null-event-id", "data-array", "metadata-number", "empty-type"],
 )
-def test_a_malformed_batch_is_refused_by_the_insert_with_the_same_error(
+def test_a_malformed_batch_gets_the_single_events_error(
     pgstate_db: str, overrides: dict[str, Any]
 ) -> None:
-    # A batch's events are checked in the insert that stores them: the refusal is the one
-    # a single event gets, and the aborted insert leaves nothing behind.
+    # The batch check and the single-event check refuse with the same message and detail.
     with psycopg.connect(pgstate_db, autocommit=True) as connection:
         before = event_rows(connection)
         with pytest.raises(psycopg.Error) as caught:
@@ -554,8 +553,8 @@ def test_a_malformed_batch_is_refused_by_the_insert_with_the_same_error(
 
 
 def test_a_batch_accepts_json_objects_after_whitespace(pgstate_db: str) -> None:
-    # The insert's check takes the cheap test first ('{' at the start) and trims only
-    # when that fails: text led by whitespace is still an object.
+    # The check takes the cheap test first ('{' at the start) and trims only when that
+    # fails: text led by whitespace is still an object.
     stream_id = f"direct-{uuid.uuid4().hex[:8]}"
     params = append_params(
         stream_id=stream_id,
@@ -572,17 +571,44 @@ def test_a_batch_accepts_json_objects_after_whitespace(pgstate_db: str) -> None:
         assert stored == [({"a": 1}, {}), ({}, {})]
 
 
-def test_a_malformed_batch_at_the_wrong_version_is_a_version_conflict(pgstate_db: str) -> None:
-    # The stream's version is checked before the insert finds a malformed event.
+def malformed_batch_cases() -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """(appends made first, then the malformed call) per case; ids shared by a case's
+    appends are the same objects."""
+    a, b, stored = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    return {
+        "at the wrong version": ([], {"expected": 3, "data": ["{}", "[]"]}),
+        "with an unknown expected version": ([], {"expected": -3, "data": ["{}", "[]"]}),
+        "with an id twice": ([], {"event_ids": [a, a], "data": ["{}", "[]"]}),
+        "with an id twice and a missing one": (
+            [],
+            {"event_ids": [a, a, None], "types": ["A", "B", "C"], "data": ["{}"] * 3},
+        ),
+        "after a row that is not JSON": ([], {"expected": 0, "data": ["{bad", "[]"]}),
+        "whose first id is stored": (
+            [{"event_ids": [stored], "types": ["A"], "data": ["{}"], "expected": 0}],
+            {"event_ids": [stored, b], "data": ["{}", "[]"]},
+        ),
+        "retrying a stored batch with bad metadata": (
+            [{"event_ids": [a, b], "data": ["{}", "{}"], "expected": 0}],
+            {"event_ids": [a, b], "data": ["{}", "{}"], "metadata": ["{}", "[1]"]},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(malformed_batch_cases()))
+def test_a_malformed_batch_is_refused_before_anything_else(pgstate_db: str, case: str) -> None:
+    # Bad input is refused as bad input, whatever the stream's version, a stored retry or
+    # another check would have said, and nothing is stored.
+    setup, call = malformed_batch_cases()[case]
     stream_id = f"direct-{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pgstate_db, autocommit=True) as connection:
+        for earlier in setup:
+            connection.execute(APPEND_V1, append_params(stream_id=stream_id, **earlier))
         before = event_rows(connection)
         with pytest.raises(psycopg.Error) as caught:
-            connection.execute(
-                APPEND_V1,
-                append_params(stream_id=stream_id, expected=3, data=["{}", "[]"]),
-            )
-        assert caught.value.diag.sqlstate == "SM004"
+            connection.execute(APPEND_V1, append_params(stream_id=stream_id, **call))
+        assert caught.value.diag.sqlstate == "SM012", caught.value.diag.message_primary
+        assert caught.value.diag.message_primary == MALFORMED
         assert event_rows(connection) == before
 
 

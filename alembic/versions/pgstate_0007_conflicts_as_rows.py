@@ -1,15 +1,15 @@
-"""pgstate 0008: version conflicts of appends answered as rows (append_v2, append_one_v3)."""
+"""pgstate 0007: version conflicts of appends answered as rows (append_v2, append_one_v3)."""
 
 from pgstate.migrate import apply_migration
 
-revision = "pgstate_0008"
-down_revision = "pgstate_0007"
+revision = "pgstate_0007"
+down_revision = "pgstate_0006"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    apply_migration("0008_conflicts_as_rows")
+    apply_migration("0007_conflicts_as_rows")
 
 
 def downgrade() -> None:

@@ -11,8 +11,9 @@
 -- with head_json's query written out, not by calling the SQL function, and its id probe for
 -- "any" and "exists" no longer shares an expression with a condition that an exact
 -- expected version folds to false: that made every conflicting call plan its statement
--- afresh. append_v1 and append_one_v2 become wrappers that raise. Instruction counts in
--- benchmarks/BENCHMARKS.md.
+-- afresh. A batch's events are checked as before, first, but text that starts with '{'
+-- passes the object test without the copy a trim makes. append_v1 and append_one_v2 become
+-- wrappers that raise. Instruction counts in benchmarks/BENCHMARKS.md.
 
 -- append_v2: append a batch to one stream, checking the expected version first.
 -- p_expected: -1 any, -2 the stream must exist, 0 no stream yet, n > 0 exactly n.
@@ -60,10 +61,11 @@ BEGIN
             jsonb_build_object('field', 'events'));
     END IF;
     -- The Python client checks the events before sending; checked again here for writers
-    -- that call the function directly. Text that starts with '{' and casts to jsonb (in
-    -- the insert below) is a JSON object. A single event, the common case, is checked
-    -- with plain expressions; a batch's events are checked row by row in the insert itself
-    -- (refuse_batch_events), which costs less than a query of its own over the arrays.
+    -- that call the function directly, before anything else (a malformed batch is refused
+    -- as such, whatever the stream's version or a stored retry says). Text that starts
+    -- with '{' and casts to jsonb (in the insert below) is a JSON object; the common text,
+    -- '{' first, passes without the copy a trim makes. A single event, the common case, is
+    -- checked with plain expressions, which cost far less than a query over the arrays.
     IF v_count = 1 THEN
         IF p_event_ids[1] IS NULL OR p_types[1] IS NULL OR p_data[1] IS NULL
            OR length(p_types[1]) NOT BETWEEN 1 AND 200
@@ -73,9 +75,19 @@ BEGIN
                 'each event needs an id, a type of 1 to 200 characters and JSON objects as '
                 'data and metadata', jsonb_build_object('field', 'events'));
         END IF;
-    -- A missing id is the insert's to refuse, with the message above.
-    ELSIF (SELECT count(DISTINCT u.id) FROM unnest(p_event_ids) AS u(id)) <> v_count
-          AND array_position(p_event_ids, NULL) IS NULL THEN
+    ELSIF EXISTS (SELECT 1
+                    FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+                         AS u(event_id, type, data, metadata)
+                   WHERE u.event_id IS NULL OR u.type IS NULL OR u.data IS NULL
+                      OR length(u.type) NOT BETWEEN 1 AND 200
+                      OR NOT (starts_with(u.data COLLATE "C", '{')
+                              OR left(ltrim(u.data, E' \t\n\r'), 1) = '{')
+                      OR NOT (u.metadata IS NULL OR starts_with(u.metadata COLLATE "C", '{')
+                              OR left(ltrim(u.metadata, E' \t\n\r'), 1) = '{')) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each event needs an id, a type of 1 to 200 characters and JSON objects as data '
+            'and metadata', jsonb_build_object('field', 'events'));
+    ELSIF (SELECT count(DISTINCT u.id) FROM unnest(p_event_ids) AS u(id)) <> v_count THEN
         PERFORM pgstate.raise_error('SM012', 'an event id appears twice in the batch',
             jsonb_build_object('field', 'events'));
     END IF;
@@ -155,15 +167,7 @@ BEGIN
                                         schema_version, data, metadata, event_id,
                                         causation_id, correlation_id, actor, traceparent)
             SELECT p_tenant, p_stream_id, v_current + u.ord, split_part(p_stream_id, '-', 1),
-                   u.type, coalesce(u.schema_version, 1),
-                   -- Each event's checks, before its data and metadata are cast.
-                   CASE WHEN u.event_id IS NOT NULL AND length(u.type) BETWEEN 1 AND 200
-                             AND (starts_with(u.data, '{')
-                                  OR left(ltrim(u.data, E' \t\n\r'), 1) = '{')
-                             AND (u.metadata IS NULL OR starts_with(u.metadata, '{')
-                                  OR left(ltrim(u.metadata, E' \t\n\r'), 1) = '{')
-                        THEN u.data::jsonb
-                        ELSE pgstate.refuse_batch_events() END,
+                   u.type, coalesce(u.schema_version, 1), u.data::jsonb,
                    coalesce(u.metadata::jsonb, '{}'::jsonb), u.event_id, u.causation_id,
                    u.correlation_id, p_actor, p_traceparent
               FROM unnest(p_event_ids, p_types, p_data, p_metadata, p_schema_versions,
