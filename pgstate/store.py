@@ -160,7 +160,9 @@ class Store(_StoreBase):
         traceparent: str | None = None,
         conn: SyncConn | None = None,
     ) -> AppendResult:
-        """Append events to one stream if it is at ``expected_version``."""
+        """Append events to one stream if it is at ``expected_version``. A version conflict
+        raises VersionConflict, which carries the stream's head; inside ``conn``'s
+        transaction it stores nothing and leaves the transaction usable."""
         with append_span(stream_id, events) as span:
             op = _ops.append(
                 self.settings,
