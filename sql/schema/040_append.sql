@@ -416,10 +416,8 @@ BEGIN
                 PERFORM pgstate.raise_error('SM004', v_message, v_detail);
             END IF;
         END IF;
-    ELSIF p_on_conflict IS NULL OR p_on_conflict NOT IN ('raise', 'return') THEN
-        PERFORM pgstate.raise_error('SM012', 'on_conflict must be raise or return',
-            jsonb_build_object('field', 'on_conflict'));
     END IF;
+    -- append_v2 refuses bad input first, then an unknown p_on_conflict, as the batch does.
     SELECT a.from_version, a.to_version, a.tx, a.first_pos, a.last_pos, a.duplicate, a.code,
            a.message, a.detail
       INTO v_result

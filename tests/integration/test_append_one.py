@@ -227,3 +227,12 @@ def test_an_unknown_on_conflict_is_refused(
         )
         assert answer == "SM012", statement
     assert stored(sql_conn, stream) == (0, None)
+    # With bad input as well, both functions name the input first.
+    messages = []
+    for statement in (ONE_V3, MANY_V2):
+        params = {**params, "id": uuid.uuid4(), "type": "", "on_conflict": on_conflict}
+        with pytest.raises(psycopg.Error) as refused:
+            sql_conn.execute(statement, params)
+        messages.append(refused.value.diag.message_primary)
+    assert messages[0] == messages[1], messages
+    assert "on_conflict" not in (messages[0] or "")
