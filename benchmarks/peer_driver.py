@@ -1,7 +1,7 @@
 """pgstate's driver for the shared peer harness (../shared/bench).
 
 Every call goes through pgstate's public API on one psycopg autocommit connection per
-process, passed as ``conn=``: one round trip per append (``append_one_v2``) and per transition
+process, passed as ``conn=``: one round trip per append (``append_one_v3``) and per transition
 (``transition_v3``, which checks state under the stream's advisory lock and appends the
 event in the same transaction).
 
@@ -107,7 +107,7 @@ def to_event(event: RecordedEvent) -> Event:
 
 class PgState(Driver):  # type: ignore[misc]
     name = "pgstate"
-    description = "pgstate: append_one_v2 / transition_v3 stored functions under advisory locks"
+    description = "pgstate: append_one_v3 / transition_v3 stored functions under advisory locks"
     backend = "postgres"
     can_transition = True
     can_listen = True

@@ -213,8 +213,8 @@ def append_one_statement(
 
 
 def append_result(stream_id: str, row: Row) -> AppendResult:
-    """The result of an append's row; a single event's conflict, returned as a row, is
-    raised here as the error the server would have raised."""
+    """The result of an append's row; a conflict returned as a row (one event or a batch)
+    is raised here as the error the server would have raised."""
     if len(row) > 6 and row[6] is not None:
         # Raised without a local name: see _machine_ops.transition.
         raise REJECTIONS[row[6]](row[7], sqlstate=row[6], detail=row[8])

@@ -1,7 +1,8 @@
-"""append_one_v2 (the scalar single-event append) and its wrapper append_one_v1 answer every
-call exactly as append_v1 with one-element arrays does: same results, same retries, same
-SQLSTATEs, nothing stored on refusal. Each case runs against every function on twin streams
-of the same history."""
+"""append_one_v3 (the scalar single-event append) and its wrappers append_one_v2 and
+append_one_v1 answer every call exactly as append_v2 and append_v1 with one-element arrays
+do: same results, same retries, same SQLSTATEs, nothing stored on refusal. Each case runs
+against every function on twin streams of the same history; 'return' answers a conflict
+with the refusal 'raise' raises."""
 
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def test_append_one_refuses_a_machine_instance(
 
 @pytest.mark.parametrize("expected", [0, 3])
 def test_a_conflict_reads_as_append_v1s(sql_conn: psycopg.Connection[Any], expected: int) -> None:
-    # append_one_v2 refuses a plain conflict itself: same message, same head row in detail.
+    # append_one_v3 (here through its wrapper append_one_v2) refuses a plain conflict
+    # itself: same message, same head row in detail as the batch function.
     stream = f"conflict-{uuid.uuid4().hex[:8]}"
     first = {"stream": stream, "expected": 0, "id": uuid.uuid4(), "type": "A", "data": "{}"}
     sql_conn.execute(ONE_V2, first)

@@ -8,14 +8,14 @@
 -- abort), 'return' returns the same refusal (SQLSTATE, message and detail) in three more
 -- columns (the Python client's single-stream append raises the same VersionConflict from
 -- them, and the caller's transaction goes on). append_one_v3 builds the refusal's detail
--- with head_json's query written out, not by calling the SQL function, and its id probe for
--- "any" and "exists" no longer shares an expression with a condition that an exact
--- expected version folds to false: that made every conflicting call plan its statement
--- afresh. A batch's events are checked as before, first, but text that starts with '{'
--- passes the object test without the copy a trim makes. append_v1 and append_one_v2 become
--- SQL wrappers that raise; they run with the caller's rights, so a role allowed to run
--- only them now needs EXECUTE on append_v2 and append_one_v3 too (pgstate_writer has it).
--- Instruction counts in benchmarks/BENCHMARKS.md.
+-- with head_json's query written out, not by calling the SQL function, and runs its id
+-- probe for "any" and "exists" only: in an expression shared with a condition that an
+-- exact expected version folds to false, it made every conflicting call plan its
+-- statement afresh. A batch's events are checked as before, first, but text that starts
+-- with '{' passes the object test without the copy a trim makes. append_v1 and
+-- append_one_v2 become SQL wrappers that raise; they run with the caller's rights, so a
+-- role allowed to run only them now needs EXECUTE on append_v2 and append_one_v3 too
+-- (pgstate_writer has it). Instruction counts in benchmarks/BENCHMARKS.md.
 
 -- append_v2: append a batch to one stream, checking the expected version first.
 -- p_expected: -1 any, -2 the stream must exist, 0 no stream yet, n > 0 exactly n.
@@ -65,9 +65,10 @@ BEGIN
     -- The Python client checks the events before sending; checked again here for writers
     -- that call the function directly, before anything else (a malformed batch is refused
     -- as such, whatever the stream's version or a stored retry says). Text that starts
-    -- with '{' and casts to jsonb (in the insert below) is a JSON object; the common text,
-    -- '{' first, passes without the copy a trim makes. A single event, the common case, is
-    -- checked with plain expressions, which cost far less than a query over the arrays.
+    -- with '{' and casts to jsonb (in the insert below) is a JSON object; in a batch the
+    -- common text, '{' first, passes without the copy a trim makes. A single event, the
+    -- common case, is checked with plain expressions, which cost far less than a query
+    -- over the arrays.
     IF v_count = 1 THEN
         IF p_event_ids[1] IS NULL OR p_types[1] IS NULL OR p_data[1] IS NULL
            OR length(p_types[1]) NOT BETWEEN 1 AND 200
@@ -224,11 +225,11 @@ CREATE TYPE pgstate.append_one_outcome AS (
     from_version bigint, to_version bigint, tx xid8, first_pos bigint, last_pos bigint,
     duplicate boolean, code text, message text, detail jsonb);
 
--- append_one_v3: append_v1 for one event, the common call, with scalar arguments (no arrays
+-- append_one_v3: append_v2 for one event, the common call, with scalar arguments (no arrays
 -- to build, send and unpack, and no per-array checks). It handles the plain case itself: a
 -- well-formed event, a stream that is not a machine instance, the expected version met
 -- and, for "any" and "exists", an event id not stored yet. It answers a plain version
--- conflict (an exact version not met, by an event id not stored) with append_v1's refusal:
+-- conflict (an exact version not met, by an event id not stored) with append_v2's refusal:
 -- raised as the error (p_on_conflict 'raise'), or returned as a row ('return'), which
 -- spares the server an aborted transaction and a logged ERROR for an expected outcome of
 -- optimistic concurrency. Everything else (bad input, a retry, a writer-order refusal)
@@ -271,9 +272,10 @@ BEGIN
           FROM pgstate.streams s
          WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
         v_plain := v_machine IS NULL AND coalesce(v_last_tx <= pg_current_xact_id(), true);
-        -- The id probe is its own statement, run only for "any" and "exists". An expression
-        -- that the planner can fold to a constant for some calls (an exact version made the
-        -- probe's condition false) gets a custom plan for every call, planned afresh.
+        -- The id probe is its own statement, run only for "any" and "exists", so that an
+        -- exact version never evaluates it. An expression that the planner can fold to a
+        -- constant for some calls (an exact version made the probe's condition false) gets
+        -- a custom plan for every call, planned afresh.
         IF v_plain AND coalesce(v_current, 0) <> p_expected THEN
             IF p_expected >= 0 THEN
                 v_plain := false;
@@ -304,7 +306,7 @@ BEGIN
             RETURN (v_current + 1, v_current + 1, v_tx, v_pos, v_pos, false, NULL, NULL, NULL)
                    ::pgstate.append_one_outcome;
         END IF;
-        -- A plain conflict, refused exactly as append_v1 refuses it: an exact version the
+        -- A plain conflict, refused exactly as append_v2 refuses it: an exact version the
         -- stream is not at, by an event whose id is not stored (so not a retry). The detail
         -- is the head row as head_json shapes it, then the expected version; head_json's
         -- query is written out here, which costs a third of calling the SQL function.
@@ -353,7 +355,7 @@ BEGIN
 END;
 $$;
 
--- append_one_v2: append_one_v3 raising its conflicts, as the third release had it; kept for
+-- append_one_v2: append_one_v3 raising its conflicts, as migration 0005 defined it; kept for
 -- SQL callers and for application code deployed before append_one_v3.
 CREATE OR REPLACE FUNCTION pgstate.append_one_v2(
     p_tenant text, p_stream_id text, p_expected bigint,
