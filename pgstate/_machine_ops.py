@@ -17,7 +17,7 @@ from pgstate._ops import (
     read_stream,
 )
 from pgstate._sql import query
-from pgstate.errors import REJECTIONS, InvalidInput, Rejected
+from pgstate.errors import InvalidInput, Rejected, returned_refusal
 from pgstate.models import (
     FiredTimeout,
     History,
@@ -192,11 +192,8 @@ def transition(
     error: Rejected | None = None
     if outcome == "rejected":
         if raise_rejection:
-            # Raised without a name in this frame: a local would tie the exception to its
-            # own traceback (frame -> error -> traceback -> frame), a cycle that only the
-            # garbage collector frees, for every caught rejection.
-            raise REJECTIONS[code](message, sqlstate=code, detail=detail)
-        error = REJECTIONS[code](message, sqlstate=code, detail=detail)
+            raise returned_refusal(code, message, detail)
+        error = returned_refusal(code, message, detail)
     return TransitionResult(
         outcome=outcome,
         stream_id=stream_id,

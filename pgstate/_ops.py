@@ -11,7 +11,7 @@ from typing import Any, LiteralString
 from pgstate._json import loads, loads_each
 from pgstate._sql import query
 from pgstate.config import Settings
-from pgstate.errors import REJECTIONS, InvalidInput
+from pgstate.errors import InvalidInput, returned_refusal
 from pgstate.models import (
     NO_METADATA,
     AppendResult,
@@ -158,7 +158,7 @@ def append_statement(
     encoded = [e.encoded for e in events]
     metadata = [item[1] for item in encoded]
     return Statement(
-        query("append_raising" if abort_on_conflict else "append"),
+        query("append"),
         {
             "tenant": tenant,
             "stream_id": stream_id,
@@ -178,6 +178,7 @@ def append_statement(
             else [e.correlation_id for e in events],
             "actor": actor,
             "traceparent": traceparent,
+            "on_conflict": "raise" if abort_on_conflict else "return",
         },
     )
 
@@ -194,7 +195,7 @@ def append_one_statement(
     # The common single-event call, as scalars: no arrays to dump or unpack.
     data, metadata, _ = event.encoded
     return Statement(
-        query("append_one_raising" if abort_on_conflict else "append_one"),
+        query("append_one"),
         {
             "tenant": tenant,
             "stream_id": stream_id,
@@ -208,6 +209,7 @@ def append_one_statement(
             "correlation_id": event.correlation_id,
             "actor": actor,
             "traceparent": traceparent,
+            "on_conflict": "raise" if abort_on_conflict else "return",
         },
     )
 
@@ -215,9 +217,8 @@ def append_one_statement(
 def append_result(stream_id: str, row: Row) -> AppendResult:
     """The result of an append's row; a conflict returned as a row (one event or a batch)
     is raised here as the error the server would have raised."""
-    if len(row) > 6 and row[6] is not None:
-        # Raised without a local name: see _machine_ops.transition.
-        raise REJECTIONS[row[6]](row[7], sqlstate=row[6], detail=row[8])
+    if row[6] is not None:
+        raise returned_refusal(row[6], row[7], row[8])
     from_version, to_version, tx, first_pos, last_pos, duplicate = row[:6]
     tx_int = int(tx)
     return AppendResult(

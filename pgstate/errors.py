@@ -145,6 +145,14 @@ REJECTIONS: dict[str, type[Rejected]] = {
 }
 
 
+def returned_refusal(code: str, message: str, detail: dict[str, Any] | None) -> Rejected:
+    """The typed error for a refusal a write function returned as a row (code, message and
+    detail), the same one :func:`translate` makes from the raised error. Callers raise the
+    result directly: kept in a local of the raising frame, an exception would reach back to
+    its own traceback, a cycle that only the garbage collector frees."""
+    return REJECTIONS[code](message, sqlstate=code, detail=detail)
+
+
 class DatabaseError(PgStateError):
     """Any other driver error, with its SQLSTATE kept."""
 

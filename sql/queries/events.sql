@@ -2,41 +2,25 @@
 -- parameters use psycopg's %(name)s style.
 
 -- Arrays go in binary (%(x)b): the text form quotes and escapes every element, which
--- costs a hundred-event batch more than the append itself. A version conflict comes back
--- as a row (code, message, detail), which the client raises: no aborted transaction, no
--- logged ERROR.
+-- costs a hundred-event batch more than the append itself. on_conflict 'return' answers a
+-- version conflict as a row (code, message, detail), which the client raises: no aborted
+-- transaction, no logged ERROR; 'raise' makes it an ERROR that aborts the transaction (a
+-- multi-stream append must not commit the streams appended before the conflict).
 -- name: append
 SELECT from_version, to_version, tx, first_pos, last_pos, duplicate, code, message, detail
   FROM pgstate.append_v2(%(tenant)s, %(stream_id)s, %(expected)s, %(event_ids)b::uuid[],
                          %(types)b::text[], %(data)b::text[], %(metadata)b::text[],
                          %(schema_versions)b::integer[], %(causation_ids)b::uuid[],
                          %(correlation_ids)b::uuid[], %(actor)s::jsonb, %(traceparent)s,
-                         'return')
+                         %(on_conflict)s)
 
--- The same with the conflict raised as an ERROR, which aborts the transaction: a
--- multi-stream append must not commit the streams appended before the conflict.
--- name: append_raising
-SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
-  FROM pgstate.append_v2(%(tenant)s, %(stream_id)s, %(expected)s, %(event_ids)b::uuid[],
-                         %(types)b::text[], %(data)b::text[], %(metadata)b::text[],
-                         %(schema_versions)b::integer[], %(causation_ids)b::uuid[],
-                         %(correlation_ids)b::uuid[], %(actor)s::jsonb, %(traceparent)s,
-                         'raise')
-
--- The single-event call, the common one.
+-- The single-event call, the common one; on_conflict as above.
 -- name: append_one
 SELECT from_version, to_version, tx, first_pos, last_pos, duplicate, code, message, detail
   FROM pgstate.append_one_v3(%(tenant)s, %(stream_id)s, %(expected)s, %(event_id)s::uuid,
                              %(type)s, %(data)s, %(metadata)s, %(schema_version)s::integer,
                              %(causation_id)s::uuid, %(correlation_id)s::uuid,
-                             %(actor)s::jsonb, %(traceparent)s, 'return')
-
--- name: append_one_raising
-SELECT from_version, to_version, tx, first_pos, last_pos, duplicate
-  FROM pgstate.append_one_v3(%(tenant)s, %(stream_id)s, %(expected)s, %(event_id)s::uuid,
-                             %(type)s, %(data)s, %(metadata)s, %(schema_version)s::integer,
-                             %(causation_id)s::uuid, %(correlation_id)s::uuid,
-                             %(actor)s::jsonb, %(traceparent)s, 'raise')
+                             %(actor)s::jsonb, %(traceparent)s, %(on_conflict)s)
 
 -- name: check_version
 SELECT pgstate.check_version_v1(%(tenant)s, %(stream_id)s, %(expected)s)
