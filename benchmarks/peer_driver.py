@@ -30,7 +30,7 @@ from sqlalchemy import create_engine
 
 from pgstate import ExpectedVersion, NewEvent, StaleState, Store, TerminalState, VersionConflict
 from pgstate._connect import psycopg_url
-from pgstate.listen import Listener, set_notify_mode
+from pgstate.listen import Listener, open_doorbell, set_notify_mode
 from pgstate.machine import Machine, State
 from pgstate.migrate import upgrade
 from pgstate.models import Position, RecordedEvent
@@ -39,6 +39,13 @@ from pgstate.models import Position, RecordedEvent
 # event waits half of it on average before the relay notifies. PGSTATE_RELAY_INTERVAL
 # overrides it, to measure the trade between lag and the relay's polling.
 RELAY_INTERVAL = os.environ.get("PGSTATE_RELAY_INTERVAL", "0.001")
+# How the relay is woken (`pgstate relay --wake`): "poll" every RELAY_INTERVAL, or "wal"
+# when the server streams newly flushed log. PGSTATE_RELAY_WAKE overrides it.
+RELAY_WAKE = os.environ.get("PGSTATE_RELAY_WAKE", "poll")
+# The listener wakes on the server's log stream itself (`Listener(wal_wakeups=True)`), as a
+# deployment that wants the lowest lag configures it; it then needs no relay. Set
+# PGSTATE_LISTENER_WAL=0 for the relay and LISTEN instead.
+LISTENER_WAL = os.environ.get("PGSTATE_LISTENER_WAL", "1") == "1"
 
 # The harness wants one int per event that increases in read_all order; pgstate's position
 # is the pair (tx, pos), ordered by tx, then pos. (tx << 40) | pos keeps that order and
@@ -111,7 +118,10 @@ class PgState(Driver):  # type: ignore[misc]
     backend = "postgres"
     can_transition = True
     can_listen = True
-    listen_note = "Listener (LISTEN + catch-up below the xid8 watermark), relay mode"
+    listen_note = (
+        "Listener woken by the server's log stream (a replication connection, no NOTIFY),"
+        " catch-up below the xid8 watermark; writers never NOTIFY"
+    )
     notify_mode = "relay"
 
     def setup(self, dsn: str) -> None:
@@ -221,7 +231,15 @@ class PgState(Driver):  # type: ignore[misc]
         should_stop: Callable[[], bool],
     ) -> None:
         relay = None
-        if self.notify_mode == "relay":
+        wal_wakeups = LISTENER_WAL and self.notify_mode == "relay"
+        if wal_wakeups:
+            doorbell, refusal = open_doorbell(self.dsn)
+            if doorbell is None:
+                print(f"pgstate: no log stream ({refusal}); LISTEN and the relay instead")
+                wal_wakeups = False
+            else:
+                doorbell.close()
+        if self.notify_mode == "relay" and not wal_wakeups:
             # Its own process, as deployed (`pgstate relay`): a thread here would wait for
             # the GIL behind the listener's decoding.
             relay = subprocess.Popen(
@@ -234,6 +252,8 @@ class PgState(Driver):  # type: ignore[misc]
                     self.dsn,
                     "--interval",
                     RELAY_INTERVAL,
+                    "--wake",
+                    RELAY_WAKE,
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -242,6 +262,7 @@ class PgState(Driver):  # type: ignore[misc]
             relay.stdout.readline()  # connected: from here on it notifies
         listener = Listener(
             self.dsn,
+            wal_wakeups=wal_wakeups,
             after=decode(after_position),
             poll_interval=0.05,
             stall_after=timedelta(minutes=10),

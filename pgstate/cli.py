@@ -116,17 +116,32 @@ def _load_projection(target: str) -> Projection:
     return projection
 
 
+WAKE_CHOICES = ["auto", "wal", "poll"]
+WAKE_HELP = (
+    "wal: check when the server streams newly flushed log (a replication connection); "
+    "poll (the default): every interval; auto: wal where the server allows it"
+)
+
+
 def cmd_relay(args: argparse.Namespace) -> int:
     """The notification relay alone, in its own process (no GIL shared with a worker)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
+    relay = Relay(_dsn(args), interval=args.interval, wake=args.wake, min_gap=args.min_gap)
+
     def connected() -> None:
-        print(f"pgstate relay: connected, checking the head every {args.interval * 1000:g} ms")
+        if relay.waking == "wal":
+            how = "when the server streams newly flushed log"
+        else:
+            how = f"every {args.interval * 1000:g} ms"
+            if relay.refusal:
+                how += f" (no replication connection: {relay.refusal})"
+        print(f"pgstate relay: connected, checking the head {how}")
         sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):
-        Relay(_dsn(args), interval=args.interval).run(stop.is_set, connected)
+        relay.run(stop.is_set, connected)
     return 0
 
 
@@ -136,7 +151,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     threads = []
     if args.relay:
-        relay = Relay(dsn, interval=args.relay_interval)
+        relay = Relay(dsn, interval=args.relay_interval, wake=args.relay_wake)
         threads.append(threading.Thread(target=relay.run, args=(stop.is_set,), daemon=True))
     for thread in threads:
         thread.start()
@@ -235,9 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--members", type=int, default=1)
     worker.add_argument("--relay", action="store_true", help="run the NOTIFY relay")
     worker.add_argument("--relay-interval", type=float, default=0.002)
+    worker.add_argument("--relay-wake", choices=WAKE_CHOICES, default="poll", help=WAKE_HELP)
     worker.add_argument("--no-timeouts", action="store_true", help="do not fire deadlines")
     relay = with_dsn(commands.add_parser("relay", help="run only the NOTIFY relay"))
     relay.add_argument("--interval", type=float, default=0.002, help="seconds between checks")
+    relay.add_argument("--wake", choices=WAKE_CHOICES, default="poll", help=WAKE_HELP)
+    relay.add_argument(
+        "--min-gap", type=float, default=0.0002, help="wal: seconds between two checks at least"
+    )
     rebuild_cmd = with_dsn(commands.add_parser("rebuild", help="rebuild a projection's table"))
     rebuild_cmd.add_argument("projection", help="MODULE:NAME")
     mode = with_dsn(commands.add_parser("notify-mode", help="set how new events are signalled"))

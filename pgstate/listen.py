@@ -12,6 +12,8 @@ mode where LISTEN does not work.
 
 from __future__ import annotations
 
+import selectors
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
 
 from pgstate import _ops
 from pgstate._connect import libpq_dsn
@@ -75,8 +79,12 @@ class Listener:
         stall_after: timedelta = timedelta(seconds=30),
         on_stall: Callable[[Stall], None] | None = None,
         reconnect_delay: float = 0.1,
+        wal_wakeups: bool = False,
     ) -> None:
         self.dsn = libpq_dsn(dsn)
+        self.wal_wakeups = wal_wakeups
+        self.doorbell: WalDoorbell | None = None
+        self.refusal: str | None = None  # why the server refused the log stream, if it did
         self.position = after
         self.tenant = tenant
         self.types = list(types) if types is not None else None
@@ -93,6 +101,11 @@ class Listener:
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self.dsn, autocommit=True)
         _prepare_adapters(conn.adapters)
+        if self.wal_wakeups:
+            # Opened before catching up, as LISTEN is: a commit meanwhile still rings.
+            self.doorbell, self.refusal = open_doorbell(self.dsn)
+            if self.doorbell is not None:
+                return conn
         if self.use_listen:
             # LISTEN before catching up: a commit during the catch-up still wakes us.
             conn.execute(query("listen"))
@@ -110,8 +123,10 @@ class Listener:
             return list(page.events)
         raise RuntimeError("read_all yields one statement")
 
-    def _wait(self, conn: psycopg.Connection[Any], timeout: float) -> None:
-        if self.use_listen:
+    def _wait(self, conn: psycopg.Connection[Any], timeout: float, found: bool) -> None:
+        if self.doorbell is not None:
+            self.doorbell.pace(found, timeout)
+        elif self.use_listen:
             for _ in conn.notifies(timeout=timeout, stop_after=1):
                 pass
         else:
@@ -141,7 +156,7 @@ class Listener:
                 if len(page) == self.page_size:
                     continue  # more to catch up before waiting
                 self._maybe_report_stall(self.conn)
-                self._wait(self.conn, self.poll_interval)
+                self._wait(self.conn, self.poll_interval, bool(page))
             except psycopg.OperationalError:
                 self.close()
                 self.reconnects += 1
@@ -164,6 +179,9 @@ class Listener:
             yield page
 
     def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
+            self.doorbell = None
         if self.conn is not None:
             try:
                 self.conn.close()
@@ -171,19 +189,169 @@ class Listener:
                 self.conn = None
 
 
+# A physical replication stream's messages (the streaming replication protocol).
+_WAL_DATA = ord("w")
+_KEEPALIVE = ord("k")
+_STATUS_UPDATE = struct.Struct("!cQQQqB")  # 'r', write, flush, apply, clock, reply wanted
+_POSTGRES_EPOCH = 946_684_800  # 2000-01-01 in Unix time: the protocol's clock counts from it
+
+
+class WalDoorbell:
+    """A physical replication connection used only as a doorbell: the server streams its
+    write-ahead log as it is flushed, so a message means a commit may have just become
+    visible. Nothing is decoded and no slot is kept, so nothing is retained on the server
+    for it. It reports its write, flush and apply positions as 0: the server never counts
+    a standby without a valid flush position as synchronous, so a deployment with
+    ``synchronous_standby_names`` set never waits for it. Needs the REPLICATION attribute
+    and a ``replication`` line in ``pg_hba.conf``; :meth:`open` raises
+    ``psycopg.OperationalError`` when the server refuses."""
+
+    # A flushed commit becomes visible a moment after its log is sent: a ring that found
+    # nothing new is followed by this many looks, this far apart.
+    RECHECKS = 2
+    RECHECK_AFTER = 0.0003
+    # Rings that keep finding nothing new are log written by others (other tables, a
+    # checkpoint): after this many in a row, look no more often than every DRY_GAP.
+    DRY_RINGS = 4
+    DRY_GAP = 0.002
+
+    def __init__(self, dsn: str, application_name: str = "pgstate") -> None:
+        self.conninfo = make_conninfo(
+            libpq_dsn(dsn), replication="true", application_name=application_name
+        )
+        self.pgconn: pq.abc.PGconn | None = None
+        self.selector = selectors.DefaultSelector()
+        self.rings = 0
+        self._rang = False
+        self._owed = 0
+        self._dry = 0
+
+    def open(self) -> None:
+        pgconn = pq.PGconn.connect(self.conninfo.encode())
+        try:
+            if pgconn.status != pq.ConnStatus.OK:
+                raise psycopg.OperationalError(_message(pgconn))
+            system = pgconn.exec_(b"IDENTIFY_SYSTEM")
+            if system.status != pq.ExecStatus.TUPLES_OK:
+                raise psycopg.OperationalError(_message(pgconn))
+            flushed = system.get_value(0, 2)  # the server's flush position, X/Y
+            assert flushed is not None
+            started = pgconn.exec_(b"START_REPLICATION PHYSICAL " + flushed)
+            if started.status != pq.ExecStatus.COPY_BOTH:
+                raise psycopg.OperationalError(_message(pgconn))
+            pgconn.nonblocking = 1
+        except BaseException:
+            pgconn.finish()
+            raise
+        self.pgconn = pgconn
+        self.selector.register(pgconn.socket, selectors.EVENT_READ)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether log arrived within ``timeout`` seconds (all of it is read and dropped)."""
+        pgconn = self.pgconn
+        if pgconn is None:
+            raise psycopg.OperationalError("the doorbell is closed")
+        if self._drain(pgconn):
+            return True
+        if not self.selector.select(timeout):
+            return False
+        pgconn.consume_input()
+        return self._drain(pgconn)
+
+    def pace(self, found: bool, timeout: float) -> None:
+        """Block until it is time to look again, given whether the last look ``found``
+        something new: at a ring, shortly after a ring that found nothing, or after
+        ``timeout`` seconds."""
+        if found:
+            self._owed = self._dry = 0
+        elif self._rang:
+            self._owed = self.RECHECKS
+            self._dry += 1
+        elif self._owed:
+            self._owed -= 1
+        if self._dry >= self.DRY_RINGS:
+            time.sleep(self.DRY_GAP)
+        self._rang = self.wait(self.RECHECK_AFTER if self._owed else timeout)
+        self.rings += self._rang
+
+    def _drain(self, pgconn: pq.abc.PGconn) -> bool:
+        """Read every message already received; True if one carried log."""
+        rang = False
+        while True:
+            size, message = pgconn.get_copy_data(1)
+            if size == 0:
+                return rang
+            if size < 0:  # the stream ended or failed (a restart, a removed segment)
+                raise psycopg.OperationalError(_message(pgconn) or "the log stream ended")
+            kind = message[0]
+            if kind == _WAL_DATA:
+                rang = True
+            elif kind == _KEEPALIVE and message[-1]:
+                # Asked for a reply (wal_sender_timeout): positions 0, never a sync standby.
+                clock = int((time.time() - _POSTGRES_EPOCH) * 1_000_000)
+                pgconn.put_copy_data(_STATUS_UPDATE.pack(b"r", 0, 0, 0, clock, 0))
+                pgconn.flush()
+
+    def close(self) -> None:
+        if self.pgconn is not None:
+            self.selector.unregister(self.pgconn.socket)
+            self.pgconn.finish()
+            self.pgconn = None
+
+
+def _message(pgconn: pq.abc.PGconn) -> str:
+    return pgconn.error_message.decode(errors="replace").strip()
+
+
+def open_doorbell(
+    dsn: str, application_name: str = "pgstate"
+) -> tuple[WalDoorbell | None, str | None]:
+    """An open :class:`WalDoorbell`, or None and the server's reason for refusing it."""
+    doorbell = WalDoorbell(dsn, application_name)
+    try:
+        doorbell.open()
+    except psycopg.OperationalError as refused:
+        return None, str(refused)
+    return doorbell, None
+
+
 class Relay:
     """Watches the head of the log and sends one NOTIFY when it moves, so that writers do
-    not notify inside their own commits (which serializes commits cluster-wide)."""
+    not notify inside their own commits (which serializes commits cluster-wide).
 
-    def __init__(self, dsn: str, *, interval: float = 0.002) -> None:
+    ``wake``: ``"poll"`` (the default) checks the head every ``interval`` seconds.
+    ``"wal"`` checks it when the server streams newly flushed log (a
+    :class:`WalDoorbell`, which takes one of the server's ``max_wal_senders``), at most
+    once per ``min_gap``, and otherwise every ``fallback`` seconds (an aborted or
+    asynchronous commit is flushed late). ``"auto"`` uses the log where the server allows
+    a replication connection and polls where it does not (``refusal`` says why)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        interval: float = 0.002,
+        wake: str = "poll",
+        min_gap: float = 0.0002,
+        fallback: float = 0.1,
+    ) -> None:
+        if wake not in ("auto", "wal", "poll"):
+            raise ValueError("wake must be 'auto', 'wal' or 'poll'")
         self.dsn = libpq_dsn(dsn)
         self.interval = interval
+        self.wake = wake
+        self.min_gap = min_gap
+        self.fallback = fallback
         self.notified: Position | None = None
+        self.waking: str | None = None  # how the current connection is woken: wal or poll
+        self.refusal: str | None = None
+        self.steps = 0
 
     def step(self, cursor: psycopg.Cursor[Any]) -> bool:
         """Notify if the head moved since the last notification; True if it did. The
         cursor is kept across steps: a new one per poll costs the relay a sixth of its
         CPU at a poll every half millisecond."""
+        self.steps += 1
         last = self.notified or Position(0, 0)
         row = cursor.execute(
             query("notify_if_moved"), {"tx": str(last.tx), "pos": last.pos}
@@ -201,17 +369,31 @@ class Relay:
     ) -> None:
         """Notify until ``should_stop()``; ``on_connect`` runs after each (re)connection."""
         while not should_stop():
+            doorbell = None
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as conn:
                     _prepare_adapters(conn.adapters)
+                    if self.wake != "poll":
+                        doorbell, self.refusal = open_doorbell(self.dsn, "pgstate_relay")
+                        if doorbell is None and self.wake == "wal":
+                            raise psycopg.OperationalError(self.refusal or "no log stream")
+                    self.waking = "poll" if doorbell is None else "wal"
                     if on_connect is not None:
                         on_connect()
                     cursor = conn.cursor()
                     while not should_stop():
-                        self.step(cursor)
-                        time.sleep(self.interval)
+                        moved = self.step(cursor)
+                        if doorbell is None:
+                            time.sleep(self.interval)
+                            continue
+                        if self.min_gap:
+                            time.sleep(self.min_gap)  # rings meanwhile get one look
+                        doorbell.pace(moved, self.fallback)
             except psycopg.OperationalError:
                 time.sleep(0.1)
+            finally:
+                if doorbell is not None:
+                    doorbell.close()
 
 
 def set_notify_mode(conn: psycopg.Connection[Any], mode: str) -> None:

@@ -1,6 +1,9 @@
 """The listener never misses an event: concurrent writer processes, transactions that take
 a position and commit late, both notification modes, a killed connection, and a stall
-report for an idle transaction holding the horizon."""
+report for an idle transaction holding the horizon. Woken by the server's log stream, it
+delivers every event promptly with no NOTIFY anywhere and no poll to fall back on, the
+stream never poses as a synchronous standby, and a server that refuses the stream leaves
+LISTEN and polling in charge."""
 
 from __future__ import annotations
 
@@ -9,15 +12,18 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
+from sqlalchemy import make_url
 
 from pgstate import NewEvent, Store
 from pgstate._connect import libpq_dsn
-from pgstate.listen import Listener, Relay, Stall, set_notify_mode
+from pgstate.listen import Listener, Relay, Stall, WalDoorbell, open_doorbell, set_notify_mode
 from pgstate.models import RecordedEvent
 
 pytestmark = pytest.mark.committing
@@ -189,3 +195,152 @@ def test_polling_only_listener_for_transaction_poolers(fresh_db: str) -> None:
     listener.close()
     store.close()
     check_delivery(acknowledged, delivered)
+
+
+NO_REPLICATION_ROLE = "pgstate_test_no_replication"
+
+
+@pytest.fixture
+def log_stream(fresh_db: str) -> str:
+    """The database, where the server allows this user a replication connection."""
+    doorbell, refusal = open_doorbell(fresh_db)
+    if doorbell is None:
+        pytest.skip(f"the server refuses a replication connection: {refusal}")
+    doorbell.close()
+    return fresh_db
+
+
+def test_listener_woken_by_the_log_misses_nothing(log_stream: str) -> None:
+    with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as conn:
+        set_notify_mode(conn, "relay")  # writers never notify, and no relay runs
+    # A poll a minute apart: only the log stream can deliver within the test's deadline.
+    listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True)
+    delivered: list[RecordedEvent] = []
+    expected = WRITERS * PER_WRITER
+    finished = threading.Event()
+
+    def consume() -> None:
+        for event in listener.events(should_stop=finished.is_set):
+            delivered.append(event)
+            if len(delivered) >= expected:
+                finished.set()
+                break
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    acknowledged = run_writers(log_stream)
+    caught_up = finished.wait(timeout=20)
+    finished.set()
+    consumer.join(timeout=70)
+    doorbell = listener.doorbell
+    listener.close()
+    assert caught_up, f"{len(delivered)} of {expected} events within 20 s of the last commit"
+    assert listener.refusal is None
+    assert doorbell is not None and doorbell.rings > 0
+    check_delivery(acknowledged, delivered)
+
+
+def test_a_single_commit_is_delivered_without_a_poll(log_stream: str) -> None:
+    """After a quiet spell (the stream idle, every recheck spent), one commit still wakes
+    the listener."""
+    store = Store(log_stream)
+    listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True)
+    delivered: list[RecordedEvent] = []
+    arrived = threading.Event()
+
+    def consume() -> None:
+        for event in listener.events():
+            delivered.append(event)
+            arrived.set()
+            if len(delivered) == 2:
+                break
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        for number in (1, 2):
+            time.sleep(0.5)
+            arrived.clear()
+            store.append(f"quiet-{number}", [NewEvent(type="Said", data={"n": number})])
+            assert arrived.wait(timeout=10), f"commit {number} not delivered within 10 s"
+    finally:
+        consumer.join(timeout=70)
+        listener.close()
+        store.close()
+    assert [(e.stream_id, e.version) for e in delivered] == [("quiet-1", 1), ("quiet-2", 1)]
+
+
+def test_the_stream_answers_keepalives_and_is_never_a_synchronous_standby(
+    log_stream: str,
+) -> None:
+    doorbell = WalDoorbell(log_stream)
+    # The server asks for a reply every half second and drops a silent stream after one.
+    doorbell.conninfo = make_conninfo(doorbell.conninfo, options="-c wal_sender_timeout=1000")
+    doorbell.open()
+    try:
+        with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as conn:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                doorbell.wait(0.1)
+            row = conn.execute(
+                "SELECT write_lsn, flush_lsn, replay_lsn, reply_time, sync_state"
+                " FROM pg_stat_replication WHERE application_name = 'pgstate'"
+            ).fetchone()
+    finally:
+        doorbell.close()
+    assert row is not None, "the stream was dropped: keepalive requests went unanswered"
+    write_lsn, flush_lsn, replay_lsn, reply_time, sync_state = row
+    assert reply_time is not None, "no reply was ever sent"
+    # No valid flush position: the server never picks it as a synchronous standby.
+    assert (write_lsn, flush_lsn, replay_lsn) == (None, None, None)
+    assert sync_state == "async"
+
+
+@pytest.fixture
+def no_replication_dsn(fresh_db: str) -> Iterator[str]:
+    """The same database as a login role without the REPLICATION attribute."""
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not (row := superuser.fetchone()) or not row[0]:
+            pytest.skip("creating a role needs a superuser")
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (NO_REPLICATION_ROLE,))
+        if exists.fetchone() is None:
+            conn.execute(f"CREATE ROLE {NO_REPLICATION_ROLE} LOGIN NOREPLICATION")
+        conn.execute(f"GRANT pgstate_writer TO {NO_REPLICATION_ROLE}")
+    yield make_url(fresh_db).set(username=NO_REPLICATION_ROLE).render_as_string(False)
+
+
+def test_a_refused_stream_leaves_listen_and_polling_in_charge(no_replication_dsn: str) -> None:
+    doorbell, refusal = open_doorbell(no_replication_dsn)
+    assert doorbell is None and refusal
+    relay = Relay(no_replication_dsn, wake="auto", interval=0.002)
+    stop_relay = threading.Event()
+    relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set,))
+    relay_thread.start()
+    listener = Listener(no_replication_dsn, poll_interval=60.0, wal_wakeups=True)
+    store = Store(no_replication_dsn)
+    delivered: list[RecordedEvent] = []
+    arrived = threading.Event()
+
+    def consume() -> None:
+        for event in listener.events():
+            delivered.append(event)
+            arrived.set()
+            break
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        time.sleep(0.3)
+        store.append("fallback-1", [NewEvent(type="Said", data={})])
+        # The relay's poll and the listener's LISTEN deliver it: no minute-long poll.
+        assert arrived.wait(timeout=10)
+    finally:
+        stop_relay.set()
+        relay_thread.join(timeout=10)
+        consumer.join(timeout=70)
+        listener.close()
+        store.close()
+    assert relay.waking == "poll" and relay.refusal
+    assert listener.doorbell is None and listener.refusal
+    assert [e.stream_id for e in delivered] == ["fallback-1"]
