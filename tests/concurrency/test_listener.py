@@ -270,6 +270,32 @@ def test_a_single_commit_is_delivered_without_a_poll(log_stream: str) -> None:
     assert [(e.stream_id, e.version) for e in delivered] == [("quiet-1", 1), ("quiet-2", 1)]
 
 
+def test_relay_woken_by_the_log_notifies_without_a_poll(log_stream: str) -> None:
+    relay = Relay(log_stream, wake="wal", fallback=5.0)
+    stop_relay = threading.Event()
+    relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set,))
+    relay_thread.start()
+    store = Store(log_stream)
+    try:
+        with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as conn:
+            conn.execute("LISTEN pgstate_events")
+            time.sleep(0.5)  # connected, and every recheck spent
+            steps_before = relay.steps
+            started = time.monotonic()
+            result = store.append("rung-1", [NewEvent(type="Said", data={})])
+            payloads = [n.payload for n in conn.notifies(timeout=10.0, stop_after=1)]
+            waited = time.monotonic() - started
+    finally:
+        stop_relay.set()
+        relay_thread.join(timeout=70)
+        store.close()
+    assert relay.waking == "wal"
+    assert payloads == [str(result.last_position)]
+    # Woken by the commit's log: well before the 5 s fallback, in a handful of looks.
+    assert waited < 2.5
+    assert relay.steps - steps_before < 10
+
+
 def test_the_stream_answers_keepalives_and_is_never_a_synchronous_standby(
     log_stream: str,
 ) -> None:

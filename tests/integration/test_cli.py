@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pgstate.migrate import head
 from pgstate.testing import cloned_database
 
@@ -90,7 +92,8 @@ def test_worker_and_rebuild_commands(fresh_db: str) -> None:
     store.close()
 
 
-def test_relay_command_notifies_when_the_head_moves(fresh_db: str) -> None:
+@pytest.mark.parametrize("wake", ["poll", "auto"])
+def test_relay_command_notifies_when_the_head_moves(fresh_db: str, wake: str) -> None:
     import signal
 
     import psycopg
@@ -99,14 +102,17 @@ def test_relay_command_notifies_when_the_head_moves(fresh_db: str) -> None:
     from pgstate._connect import libpq_dsn
 
     relay = subprocess.Popen(
-        [*PGSTATE, "relay", "--dsn", fresh_db, "--interval", "0.005"],
+        [*PGSTATE, "relay", "--dsn", fresh_db, "--interval", "0.005", "--wake", wake],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert relay.stdout is not None
-        assert "connected" in relay.stdout.readline()
+        banner = relay.stdout.readline()
+        assert "connected" in banner
+        if wake == "poll":
+            assert "every 5 ms" in banner
         with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as listener:
             listener.execute("LISTEN pgstate_events")
             with Store(fresh_db) as store:
