@@ -222,6 +222,7 @@ class WalDoorbell:
         self.pgconn: pq.abc.PGconn | None = None
         self.selector = selectors.DefaultSelector()
         self.rings = 0
+        self._socket = -1
         self._rang = False
         self._owed = 0
         self._dry = 0
@@ -244,7 +245,8 @@ class WalDoorbell:
             pgconn.finish()
             raise
         self.pgconn = pgconn
-        self.selector.register(pgconn.socket, selectors.EVENT_READ)
+        self._socket = pgconn.socket  # kept: a lost connection no longer reports it
+        self.selector.register(self._socket, selectors.EVENT_READ)
 
     def wait(self, timeout: float) -> bool:
         """Whether log arrived within ``timeout`` seconds (all of it is read and dropped)."""
@@ -294,7 +296,7 @@ class WalDoorbell:
 
     def close(self) -> None:
         if self.pgconn is not None:
-            self.selector.unregister(self.pgconn.socket)
+            self.selector.unregister(self._socket)
             self.pgconn.finish()
             self.pgconn = None
 

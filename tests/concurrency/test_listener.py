@@ -270,6 +270,42 @@ def test_a_single_commit_is_delivered_without_a_poll(log_stream: str) -> None:
     assert [(e.stream_id, e.version) for e in delivered] == [("quiet-1", 1), ("quiet-2", 1)]
 
 
+def test_a_killed_log_stream_is_reopened_and_nothing_is_lost(log_stream: str) -> None:
+    store = Store(log_stream)
+    listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True, reconnect_delay=0.01)
+    delivered: list[RecordedEvent] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        for event in listener.events():
+            delivered.append(event)
+            if len(delivered) == 3:
+                done.set()
+                break
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as admin:
+            for number in range(3):
+                time.sleep(0.3)
+                if number == 1:
+                    killed = admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication"
+                        " WHERE application_name = 'pgstate'"
+                    ).fetchall()
+                    assert killed == [(True,)]
+                    time.sleep(0.3)
+                store.append("killed-stream", [NewEvent(type="Said", data={"n": number})])
+        assert done.wait(timeout=10), f"{len(delivered)} of 3 delivered within 10 s"
+    finally:
+        consumer.join(timeout=70)
+        listener.close()
+        store.close()
+    assert listener.reconnects >= 1
+    assert [e.version for e in delivered] == [1, 2, 3]
+
+
 def test_relay_woken_by_the_log_notifies_without_a_poll(log_stream: str) -> None:
     relay = Relay(log_stream, wake="wal", fallback=5.0)
     stop_relay = threading.Event()
