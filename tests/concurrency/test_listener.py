@@ -240,23 +240,33 @@ def test_listener_woken_by_the_log_misses_nothing(log_stream: str) -> None:
     check_delivery(acknowledged, delivered)
 
 
+def consume_in_thread(
+    listener: Listener, count: int, delivered: list[RecordedEvent]
+) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """Collects events into ``delivered`` until ``count`` have come; returns the thread, an
+    event set at each delivery and one set when all have come."""
+    arrived, finished = threading.Event(), threading.Event()
+
+    def body() -> None:
+        for event in listener.events():
+            delivered.append(event)
+            arrived.set()
+            if len(delivered) >= count:
+                finished.set()
+                break
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, arrived, finished
+
+
 def test_a_single_commit_is_delivered_without_a_poll(log_stream: str) -> None:
     """After a quiet spell (the stream idle, every recheck spent), one commit still wakes
     the listener."""
     store = Store(log_stream)
     listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True)
     delivered: list[RecordedEvent] = []
-    arrived = threading.Event()
-
-    def consume() -> None:
-        for event in listener.events():
-            delivered.append(event)
-            arrived.set()
-            if len(delivered) == 2:
-                break
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
+    consumer, arrived, _ = consume_in_thread(listener, 2, delivered)
     try:
         for number in (1, 2):
             time.sleep(0.5)
@@ -274,17 +284,7 @@ def test_a_killed_log_stream_is_reopened_and_nothing_is_lost(log_stream: str) ->
     store = Store(log_stream)
     listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True, reconnect_delay=0.01)
     delivered: list[RecordedEvent] = []
-    done = threading.Event()
-
-    def consume() -> None:
-        for event in listener.events():
-            delivered.append(event)
-            if len(delivered) == 3:
-                done.set()
-                break
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
+    consumer, _, done = consume_in_thread(listener, 3, delivered)
     try:
         with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as admin:
             for number in range(3):
@@ -382,16 +382,7 @@ def test_a_refused_stream_leaves_listen_and_polling_in_charge(no_replication_dsn
     listener = Listener(no_replication_dsn, poll_interval=60.0, wal_wakeups=True)
     store = Store(no_replication_dsn)
     delivered: list[RecordedEvent] = []
-    arrived = threading.Event()
-
-    def consume() -> None:
-        for event in listener.events():
-            delivered.append(event)
-            arrived.set()
-            break
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
+    consumer, arrived, _ = consume_in_thread(listener, 1, delivered)
     try:
         time.sleep(0.3)
         store.append("fallback-1", [NewEvent(type="Said", data={})])
