@@ -261,15 +261,14 @@ def consume_in_thread(
 
 
 def test_a_single_commit_is_delivered_without_a_poll(log_stream: str) -> None:
-    """After a quiet spell (the stream idle, every recheck spent), one commit still wakes
-    the listener."""
+    """One commit at a time, each after the last was delivered (the listener back on the
+    stream): each wakes the listener, with a minute-long poll as the only other way."""
     store = Store(log_stream)
     listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True)
     delivered: list[RecordedEvent] = []
     consumer, arrived, _ = consume_in_thread(listener, 2, delivered)
     try:
         for number in (1, 2):
-            time.sleep(0.5)
             arrived.clear()
             store.append(f"quiet-{number}", [NewEvent(type="Said", data={"n": number})])
             assert arrived.wait(timeout=10), f"commit {number} not delivered within 10 s"
@@ -284,18 +283,18 @@ def test_a_killed_log_stream_is_reopened_and_nothing_is_lost(log_stream: str) ->
     store = Store(log_stream)
     listener = Listener(log_stream, poll_interval=60.0, wal_wakeups=True, reconnect_delay=0.01)
     delivered: list[RecordedEvent] = []
-    consumer, _, done = consume_in_thread(listener, 3, delivered)
+    consumer, arrived, done = consume_in_thread(listener, 3, delivered)
     try:
         with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as admin:
-            for number in range(3):
-                time.sleep(0.3)
-                if number == 1:
-                    killed = admin.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication"
-                        " WHERE application_name = 'pgstate'"
-                    ).fetchall()
-                    assert killed == [(True,)]
-                    time.sleep(0.3)
+            store.append("killed-stream", [NewEvent(type="Said", data={"n": 0})])
+            # Delivered: the listener holds its stream, and is waiting on it again.
+            assert arrived.wait(timeout=10)
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_replication"
+                " WHERE application_name = 'pgstate'"
+            ).fetchall()
+            assert killed == [(True,)]
+            for number in (1, 2):
                 store.append("killed-stream", [NewEvent(type="Said", data={"n": number})])
         assert done.wait(timeout=10), f"{len(delivered)} of 3 delivered within 10 s"
     finally:
@@ -307,29 +306,26 @@ def test_a_killed_log_stream_is_reopened_and_nothing_is_lost(log_stream: str) ->
 
 
 def test_relay_woken_by_the_log_notifies_without_a_poll(log_stream: str) -> None:
-    relay = Relay(log_stream, wake="wal", fallback=5.0)
+    # A fallback poll a minute apart: only the log stream can notify within the deadline.
+    relay = Relay(log_stream, wake="wal", fallback=60.0)
+    connected = threading.Event()
     stop_relay = threading.Event()
-    relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set,))
+    relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set, connected.set))
     relay_thread.start()
     store = Store(log_stream)
     try:
         with psycopg.connect(libpq_dsn(log_stream), autocommit=True) as conn:
             conn.execute("LISTEN pgstate_events")
-            time.sleep(0.5)  # connected, and every recheck spent
-            steps_before = relay.steps
-            started = time.monotonic()
+            assert connected.wait(timeout=10)
             result = store.append("rung-1", [NewEvent(type="Said", data={})])
             payloads = [n.payload for n in conn.notifies(timeout=10.0, stop_after=1)]
-            waited = time.monotonic() - started
     finally:
         stop_relay.set()
+        store.append("rung-2", [NewEvent(type="Said", data={})])  # rings: the relay stops
         relay_thread.join(timeout=70)
         store.close()
     assert relay.waking == "wal"
     assert payloads == [str(result.last_position)]
-    # Woken by the commit's log: well before the 5 s fallback, in a handful of looks.
-    assert waited < 2.5
-    assert relay.steps - steps_before < 10
 
 
 def test_the_stream_answers_keepalives_and_is_never_a_synchronous_standby(
@@ -382,12 +378,14 @@ def test_a_refused_stream_leaves_listen_and_polling_in_charge(no_replication_dsn
     listener = Listener(no_replication_dsn, poll_interval=60.0, wal_wakeups=True)
     store = Store(no_replication_dsn)
     delivered: list[RecordedEvent] = []
-    consumer, arrived, _ = consume_in_thread(listener, 1, delivered)
+    consumer, arrived, _ = consume_in_thread(listener, 2, delivered)
     try:
-        time.sleep(0.3)
-        store.append("fallback-1", [NewEvent(type="Said", data={})])
-        # The relay's poll and the listener's LISTEN deliver it: no minute-long poll.
-        assert arrived.wait(timeout=10)
+        for number in (1, 2):
+            arrived.clear()
+            store.append(f"fallback-{number}", [NewEvent(type="Said", data={})])
+            # The second comes after the listener is on LISTEN: the relay's poll and its
+            # NOTIFY deliver it, not the minute-long poll.
+            assert arrived.wait(timeout=10)
     finally:
         stop_relay.set()
         relay_thread.join(timeout=10)
@@ -396,4 +394,4 @@ def test_a_refused_stream_leaves_listen_and_polling_in_charge(no_replication_dsn
         store.close()
     assert relay.waking == "poll" and relay.refusal
     assert listener.doorbell is None and listener.refusal
-    assert [e.stream_id for e in delivered] == ["fallback-1"]
+    assert [e.stream_id for e in delivered] == ["fallback-1", "fallback-2"]
