@@ -40,6 +40,19 @@ HEADLINE = {
     "read_back": "read_all_events_per_s",
 }
 BASELINES = ("raw", "raw_notify", "eventsourcing", "redis_lua_aof_always")
+# The performance targets pgstate is held to (the default driver, medians over repetitions):
+# (workload, figure, baseline, least ratio).
+RATIO_TARGETS = (
+    ("ticket_race", "transitions_per_s", "redis_lua_aof_always", 1.0),
+    ("ticket_race", "transitions_per_s", "eventsourcing", 5.0),
+    ("append_distinct", "events_per_s", "raw", 0.9),
+    ("append_contended", "committed_per_s", "raw", 0.9),
+    ("read_back", "read_all_events_per_s", "raw", 1.0),
+    ("read_back", "populate_batch100_events_per_s", "raw", 1.0),
+)
+# The catch-up target holds at this append rate: nothing missed and a p99 lag within bound.
+CATCHUP_RATE = 3000
+CATCHUP_P99_MS = 2.0
 
 
 def ratio_table(results: dict[str, Any]) -> str:
@@ -68,6 +81,41 @@ def ratio_table(results: dict[str, Any]) -> str:
             theirs = values.get((label, workload, baseline))
             row.append(f"{mine / statistics.median(theirs):.2f}x" if theirs else "-")
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def target_table(results: dict[str, Any], driver: str = "pgstate") -> str:
+    """Each performance target against this run: the ratio (or lag) measured, and whether
+    it is reached. A target whose workload or baseline did not run is left out."""
+    figures: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    catchup: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in results.get("results", []):
+        metrics = cell.get("metrics", {})
+        label, workload = cell.get("pg_label", ""), cell.get("workload", "")
+        if workload == "catchup_lag" and cell.get("driver") == driver:
+            catchup[label].append(metrics)
+        for name, value in metrics.items():
+            if isinstance(value, int | float):
+                figures[(label, workload, cell.get("driver", ""), name)].append(value)
+    lines = ["| PostgreSQL | target | measured | reached |", "|---|---|---|---|"]
+    for label in sorted({key[0] for key in figures}):
+        for workload, figure, baseline, least in RATIO_TARGETS:
+            ours = figures.get((label, workload, driver, figure))
+            theirs = figures.get((label, workload, baseline, figure))
+            if not ours or not theirs:
+                continue
+            ratio = statistics.median(ours) / statistics.median(theirs)
+            target = f"{workload} {figure} >= {least}x {baseline}"
+            verdict = "yes" if ratio >= least else "no"
+            lines.append(f"| {label} | {target} | {ratio:.2f}x | {verdict} |")
+        at_rate = [m for m in catchup.get(label, []) if m.get("rate_per_s") == CATCHUP_RATE]
+        if at_rate:
+            missed = sum(int(m.get("missed") or 0) for m in at_rate)
+            worst_p99 = max(float(m.get("lag_p99_ms") or 0.0) for m in at_rate)
+            target = f"catchup_lag at {CATCHUP_RATE}/s: 0 missed, p99 <= {CATCHUP_P99_MS} ms"
+            verdict = "yes" if missed == 0 and worst_p99 <= CATCHUP_P99_MS else "no"
+            measured = f"{missed} missed, worst p99 {worst_p99:.2f} ms"
+            lines.append(f"| {label} | {target} | {measured} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -110,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     status = subprocess.call(command, cwd=PROJECT)
     try:
         with open(args.json, encoding="utf-8") as results:
-            print("\n" + ratio_table(json.load(results)))
+            document = json.load(results)
+        print("\n" + ratio_table(document))
+        print("\n" + target_table(document))
     except (OSError, ValueError) as exc:
         print(f"no ratio table: {exc}")
     return status

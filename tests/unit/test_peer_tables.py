@@ -1,0 +1,88 @@
+"""The peer benchmark's summary tables: ratios and target verdicts from a harness result
+document (the JSON `../shared/bench/run.py --json` writes)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "run_peers.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("run_peers", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(workload: str, driver: str, **metrics: Any) -> dict[str, Any]:
+    return {"pg_label": "pg18", "workload": workload, "driver": driver, "metrics": metrics}
+
+
+def document(*cells: dict[str, Any]) -> dict[str, Any]:
+    return {"results": list(cells)}
+
+
+def rows(table: str) -> list[list[str]]:
+    return [
+        [field.strip() for field in line.strip("|").split("|")] for line in table.splitlines()[2:]
+    ]
+
+
+def test_ratios_take_the_median_of_the_repetitions() -> None:
+    run_peers = load_script()
+    results = document(
+        cell("ticket_race", "pgstate", transitions_per_s=3000.0),
+        cell("ticket_race", "pgstate", transitions_per_s=9000.0),
+        cell("ticket_race", "pgstate", transitions_per_s=3100.0),
+        cell("ticket_race", "raw", transitions_per_s=6200.0),
+    )
+    [row] = rows(run_peers.ratio_table(results))
+    assert row[:3] == ["pg18", "ticket_race", "pgstate"]
+    assert row[4] == "0.50x"  # 3,100 / 6,200
+    assert row[5:] == ["-", "-", "-"]  # baselines that did not run
+
+
+def test_targets_say_which_are_reached() -> None:
+    run_peers = load_script()
+    results = document(
+        cell("ticket_race", "pgstate", transitions_per_s=5000.0),
+        cell("ticket_race", "redis_lua_aof_always", transitions_per_s=4000.0),
+        cell("ticket_race", "eventsourcing", transitions_per_s=2000.0),
+        cell("append_distinct", "pgstate", events_per_s=800.0),
+        cell("append_distinct", "raw", events_per_s=1000.0),
+    )
+    verdicts = {row[1]: (row[2], row[3]) for row in rows(run_peers.target_table(results))}
+    assert verdicts == {
+        "ticket_race transitions_per_s >= 1.0x redis_lua_aof_always": ("1.25x", "yes"),
+        "ticket_race transitions_per_s >= 5.0x eventsourcing": ("2.50x", "no"),
+        "append_distinct events_per_s >= 0.9x raw": ("0.80x", "no"),
+    }
+
+
+def test_the_catchup_target_counts_every_repetition_at_its_rate() -> None:
+    run_peers = load_script()
+    catchup = "catchup_lag"
+    passing = document(
+        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.2),
+        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.9),
+        cell(catchup, "pgstate", rate_per_s=200, missed=5, lag_p99_ms=9.0),  # other rate
+    )
+    [row] = rows(run_peers.target_table(passing))
+    assert row[2:] == ["0 missed, worst p99 1.90 ms", "yes"]
+
+    one_slow = document(
+        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.2),
+        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=2.3),
+    )
+    assert rows(run_peers.target_table(one_slow))[0][3] == "no"
+
+    one_missed = document(cell(catchup, "pgstate", rate_per_s=3000, missed=1, lag_p99_ms=0.5))
+    assert rows(run_peers.target_table(one_missed))[0][2:] == [
+        "1 missed, worst p99 0.50 ms",
+        "no",
+    ]
