@@ -158,7 +158,8 @@ class DatabaseError(PgStateError):
 
 
 class TransientError(DatabaseError):
-    """Safe to retry the whole transaction (see :func:`pgstate.retry_transient`)."""
+    """The server rolled the transaction back and nothing of it was stored: the whole
+    transaction may be sent again (pgstate itself never retries)."""
 
     @property
     def retryable(self) -> bool:
@@ -177,9 +178,11 @@ class LockTimeout(TransientError):
     sqlstate = "55P03"
 
 
-class ConnectionLost(TransientError):
-    """The connection broke; the outcome of an in-flight commit is unknown, so only a request
-    with an idempotency key (or event ids) may be retried."""
+class ConnectionLost(DatabaseError):
+    """The connection broke. Not a :class:`TransientError`: the outcome of an in-flight
+    commit is unknown, so only a request that is idempotent by its ids (the same event ids
+    for an append, the same idempotency key for a transition) may be sent again; its retry
+    then reports the stored outcome instead of writing twice."""
 
 
 _TRANSIENT: dict[str, type[TransientError]] = {
