@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
+from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine
 
 from alembic import command
@@ -86,7 +87,10 @@ def sql_script(from_schema: bool = False) -> str:
     """The whole install as one SQL script, for DBAs who apply SQL by hand: the migration
     history by default, or the current truth from sql/schema/."""
     files = schema_files() if from_schema else migration_files()
-    return "\n".join(f"-- {path.name}\n{path.read_text(encoding='utf-8')}" for path in files)
+    parts = [f"-- {path.name}\n{path.read_text(encoding='utf-8')}" for path in files]
+    revision = sql.SQL(query("record_installed_revision")).format(revision=sql.Literal(head()))
+    parts.append(f"-- the installed revision\n{revision.as_string()}\n")
+    return "\n".join(parts)
 
 
 def execute_script(connection: Connection, sql: str) -> None:

@@ -82,6 +82,16 @@ SELECT pg_advisory_xact_lock(hashtextextended('pgstate/migrate', 0))
 -- name: create_schema
 CREATE SCHEMA IF NOT EXISTS pgstate
 
+-- name: record_installed_revision
+-- The end of the DBA script: the revision it installed, in the version table Alembic keeps,
+-- so that `pgstate check` sees the install and `pgstate migrate` goes on from there.
+CREATE TABLE IF NOT EXISTS pgstate.alembic_version (
+    version_num varchar(32) NOT NULL,
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+DELETE FROM pgstate.alembic_version;
+INSERT INTO pgstate.alembic_version (version_num) VALUES ({revision});
+
 -- name: create_database_from_template
 SELECT format('CREATE DATABASE %%I TEMPLATE %%I', %(name)s::text, %(template)s::text)
 

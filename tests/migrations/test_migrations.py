@@ -282,12 +282,25 @@ def test_catalog_comparison_notices_a_difference(
         )
 
 
+@pytest.mark.parametrize("from_schema", [False, True], ids=["history", "schema"])
 def test_dba_script_builds_the_same_catalog(
-    empty_db: str, pgstate_server: str, pgstate_template: str
+    empty_db: str, pgstate_server: str, pgstate_template: str, from_schema: bool
 ) -> None:
     with psycopg.connect(empty_db) as connection:
-        connection.execute(sql_script().encode())
+        connection.execute(sql_script(from_schema=from_schema).encode())
     assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
+    # The script records what it installed, as Alembic would: `pgstate check` passes, and
+    # `pgstate migrate` finds nothing to do instead of starting again at the first file.
+    engine = engine_for(empty_db)
+    try:
+        assert current(engine) == head()
+        assert check(engine)
+        upgrade(engine)
+        assert current(engine) == head()
+    finally:
+        engine.dispose()
+    with Store(empty_db) as store:
+        assert store.append("order-1", [NewEvent(type="Placed")]).version == 1
 
 
 # --- (d) a host application's Alembic ---------------------------------------------------------
