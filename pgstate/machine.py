@@ -91,8 +91,9 @@ __all__ = [
 ]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-# Machine names default to the class name, so capitals are allowed; dots/colons allow namespacing.
-MACHINE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,99}$")
+# Machine names default to the class name, so capitals are allowed; dots and dashes allow
+# namespacing. The same pattern as register_machine_v1's on the server.
+MACHINE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$")
 JSON_TYPES: frozenset[str] = frozenset({"string", "number", "boolean", "object", "array", "null"})
 
 
@@ -658,7 +659,7 @@ def _check_declarations(
         problems.append(
             f"names reserved by Machine cannot be states or events: {_quoted(reserved)}"
         )
-    bad_names = {n for n in all_names if not NAME_RE.match(n)}
+    bad_names = {n for n in all_names if not NAME_RE.fullmatch(n)}
     if bad_names:
         problems.append(
             f"invalid state/event names: {_quoted(bad_names)} (names must match {NAME_RE.pattern})"
@@ -858,7 +859,7 @@ class Machine:
                 f"machine {cls.__name__!r}: 'name' is reserved for the machine name "
                 f"and must be a string, got {type(cls.__dict__['name']).__name__}"
             )
-        if not MACHINE_NAME_RE.match(cls.name):
+        if not MACHINE_NAME_RE.fullmatch(cls.name):
             raise MachineDefinitionError(
                 f"machine {cls.name!r}: invalid machine name "
                 f"(must match {MACHINE_NAME_RE.pattern}; set name = '...' on the class)"
@@ -1003,7 +1004,7 @@ def _build(name: str, states: Sequence[_StateDecl], edges: Sequence[_EdgeDecl]) 
     """Create a Machine subclass from declarations, so the class-creation checks apply."""
     names = {*(s.name for s in states), *(e.event for e in edges)}
     # Checked before type(): such names could clobber namespace entries like __module__.
-    bad = {n for n in names if not NAME_RE.match(n)}
+    bad = {n for n in names if not NAME_RE.fullmatch(n)}
     if bad:
         raise MachineDefinitionError(
             f"machine {name!r}: invalid state/event names: {_quoted(bad)} "

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
+import psycopg
 import pytest
 from pydantic import BaseModel
 
@@ -26,7 +27,9 @@ from pgstate import (
     UnknownDefinition,
     VersionConflict,
 )
-from pgstate.machine import Guard, Machine, State
+from pgstate._connect import libpq_dsn
+from pgstate.errors import translate
+from pgstate.machine import Guard, Machine, MachineDefinitionError, State
 
 SHORT = timedelta(milliseconds=150)
 
@@ -555,3 +558,38 @@ def test_retried_create_must_match(store: Store) -> None:
     assert retry.duplicate and (retry.state, retry.version) == ("running", 2)
     with pytest.raises(IdempotencyKeyReused):
         store.create(stream, Job, data={"x": 2}, event_id=event_id)
+
+
+NAMES_TO_AGREE_ON = [
+    "Ticket",
+    "billing.Ticket",
+    "billing-Ticket_v2",
+    "T" + "x" * 99,
+    "billing:Ticket",
+    "has space",
+    "9Ticket",
+    "Ticket\n",
+    "T" + "x" * 100,
+]
+
+
+@pytest.mark.parametrize("name", NAMES_TO_AGREE_ON, ids=repr)
+def test_client_and_server_agree_on_machine_names(store: Store, pgstate_db: str, name: str) -> None:
+    """A name the class accepts registers; one it refuses, the server refuses too, so no
+    machine can be declared that cannot be registered."""
+    try:
+        machine = type("Named", (Machine,), {"name": name, "a": State(initial=True)})
+    except MachineDefinitionError:
+        with (
+            psycopg.connect(libpq_dsn(pgstate_db)) as connection,
+            pytest.raises(psycopg.Error) as refused,
+        ):
+            connection.execute(
+                "SELECT pgstate.register_machine_v1(%s, repeat('0', 64), '{}')", (name,)
+            )
+        error = translate(refused.value)
+        assert isinstance(error, InvalidInput)
+        assert error.detail["field"] == "machine"
+        return
+    registered = store.register(machine)
+    assert registered.version >= 1
