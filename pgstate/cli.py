@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -285,6 +286,9 @@ HANDLERS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The long-running commands report trouble they keep retrying (a refused log stream, a
+    # lost connection) as warnings of the pgstate loggers.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     return HANDLERS[args.command](args)
 
 

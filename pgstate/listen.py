@@ -12,6 +12,7 @@ mode where LISTEN does not work.
 
 from __future__ import annotations
 
+import logging
 import selectors
 import struct
 import time
@@ -29,6 +30,8 @@ from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
 from pgstate.models import Position, RecordedEvent
+
+log = logging.getLogger(__name__)
 
 CHANNEL = "pgstate_events"
 
@@ -328,6 +331,8 @@ class Relay:
     asynchronous commit is flushed late). ``"auto"`` uses the log where the server allows
     a replication connection and polls where it does not (``refusal`` says why)."""
 
+    RETRY_DELAY = 0.1  # seconds between attempts to (re)connect
+
     def __init__(
         self,
         dsn: str,
@@ -369,7 +374,11 @@ class Relay:
     def run(
         self, should_stop: Callable[[], bool], on_connect: Callable[[], None] | None = None
     ) -> None:
-        """Notify until ``should_stop()``; ``on_connect`` runs after each (re)connection."""
+        """Notify until ``should_stop()``; ``on_connect`` runs after each (re)connection.
+        With ``wake="wal"`` and a server that refuses the log stream, it never polls: it
+        logs the refusal (``pgstate.listen``, once per distinct reason) and tries again
+        every ``RETRY_DELAY`` seconds; ``wake="auto"`` polls instead."""
+        last_problem: str | None = None
         while not should_stop():
             doorbell = None
             try:
@@ -378,8 +387,12 @@ class Relay:
                     if self.wake != "poll":
                         doorbell, self.refusal = open_doorbell(self.dsn, "pgstate_relay")
                         if doorbell is None and self.wake == "wal":
-                            raise psycopg.OperationalError(self.refusal or "no log stream")
+                            raise psycopg.OperationalError(
+                                f"the server refuses the log stream ({self.refusal})"
+                                " and the relay was told to wake on nothing else"
+                            )
                     self.waking = "poll" if doorbell is None else "wal"
+                    last_problem = None
                     if on_connect is not None:
                         on_connect()
                     cursor = conn.cursor()
@@ -391,8 +404,12 @@ class Relay:
                         if self.min_gap:
                             time.sleep(self.min_gap)  # rings meanwhile get one look
                         doorbell.pace(moved, self.fallback)
-            except psycopg.OperationalError:
-                time.sleep(0.1)
+            except psycopg.OperationalError as problem:
+                self.waking = None
+                if str(problem) != last_problem:
+                    last_problem = str(problem)
+                    log.warning("relay: %s; trying again every %g s", problem, self.RETRY_DELAY)
+                time.sleep(self.RETRY_DELAY)
             finally:
                 if doorbell is not None:
                     doorbell.close()

@@ -7,6 +7,7 @@ LISTEN and polling in charge."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import random
 import threading
@@ -395,3 +396,43 @@ def test_a_refused_stream_leaves_listen_and_polling_in_charge(no_replication_dsn
     assert relay.waking == "poll" and relay.refusal
     assert listener.doorbell is None and listener.refusal
     assert [e.stream_id for e in delivered] == ["fallback-1", "fallback-2"]
+
+
+class _Recorded(logging.Handler):
+    """Keeps the records it is given and signals the first."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.first = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.first.set()
+
+
+def test_a_relay_told_to_wake_on_the_log_alone_says_why_it_cannot(
+    no_replication_dsn: str,
+) -> None:
+    relay = Relay(no_replication_dsn, wake="wal")
+    recorded = _Recorded()
+    logger = logging.getLogger("pgstate.listen")
+    logger.addHandler(recorded)
+    connected = threading.Event()
+    stop = threading.Event()
+    runner = threading.Thread(target=relay.run, args=(stop.is_set, connected.set))
+    runner.start()
+    try:
+        assert recorded.first.wait(timeout=10)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+        logger.removeHandler(recorded)
+    assert not runner.is_alive()
+    # It neither claims to be connected nor falls back to polling on its own.
+    assert not connected.is_set() and relay.waking is None and relay.steps == 0
+    [first, *_] = recorded.records
+    assert "refuses the log stream" in first.getMessage()
+    assert relay.refusal and relay.refusal in first.getMessage()
+    # The same refusal is reported once, not at every retry.
+    assert len({record.getMessage() for record in recorded.records}) == len(recorded.records)
