@@ -402,8 +402,9 @@ async def rebuild(
     owner: str | None = None,
 ) -> Position:
     """Rebuild a projection's table from the whole log into a shadow table, then, in one
-    transaction that fences the live worker, catch up the tail and swap the shadow in.
-    Returns the position the rebuilt table is at."""
+    transaction that fences the live workers (every member of a consumer group), catch up
+    the tail and swap the shadow in. Returns the position the rebuilt table is at, which
+    becomes every member's checkpoint."""
     if not projection.table:
         raise ValueError("rebuild needs a projection with a table")
     shadow = f"{projection.table}__rebuild"
@@ -444,25 +445,30 @@ async def rebuild(
                     progress(seen, max(estimate, seen))
 
         await copy_pages(False)
-        # The swap, in one transaction: take the checkpoint over from any live worker (its
-        # epoch is now stale, so its next page is refused), catch up the tail, swap the
-        # tables, and store the checkpoint the new table is at.
+        # The swap, in one transaction: take every member's checkpoint over from any live
+        # worker (its epoch is now stale, so its next page is refused), catch up the tail,
+        # swap the tables, and store the position the new table is at as every member's
+        # checkpoint (the table now holds every stream up to it).
         ttl_ms = 60_000
+        epochs: list[int] = []
         async with conn.transaction():
-            claimed = await conn.execute(
-                query("claim_projection"),
-                {
-                    "projection": projection.name,
-                    "member": 0,
-                    "members": 1,
-                    "owner": owner_name,
-                    "ttl_ms": ttl_ms,
-                    "force": True,
-                },
-            )
-            claim_row = await claimed.fetchone()
-            assert claim_row is not None
-            epoch = claim_row[0]
+            group = await conn.execute(query("checkpoints_of"), {"projection": projection.name})
+            members = max((int(row[1]) for row in await group.fetchall()), default=1)
+            for member in range(members):
+                claimed = await conn.execute(
+                    query("claim_projection"),
+                    {
+                        "projection": projection.name,
+                        "member": member,
+                        "members": members,
+                        "owner": owner_name,
+                        "ttl_ms": ttl_ms,
+                        "force": True,
+                    },
+                )
+                claim_row = await claimed.fetchone()
+                assert claim_row is not None
+                epochs.append(claim_row[0])
             await copy_pages(True)
             await conn.execute(
                 sql.SQL(query("drop_table")).format(table=sql.Identifier(projection.table))
@@ -472,21 +478,23 @@ async def rebuild(
                     table=sql.Identifier(shadow), new_name=sql.Identifier(projection.table)
                 )
             )
+            for member, epoch in enumerate(epochs):
+                await conn.execute(
+                    query("save_checkpoint"),
+                    {
+                        "projection": projection.name,
+                        "member": member,
+                        "epoch": epoch,
+                        "tx": str(position.tx),
+                        "pos": position.pos,
+                        "ttl_ms": ttl_ms,
+                    },
+                )
+        for member, epoch in enumerate(epochs):
             await conn.execute(
-                query("save_checkpoint"),
-                {
-                    "projection": projection.name,
-                    "member": 0,
-                    "epoch": epoch,
-                    "tx": str(position.tx),
-                    "pos": position.pos,
-                    "ttl_ms": ttl_ms,
-                },
+                query("release_projection"),
+                {"projection": projection.name, "member": member, "epoch": epoch},
             )
-        await conn.execute(
-            query("release_projection"),
-            {"projection": projection.name, "member": 0, "epoch": epoch},
-        )
         return position
     finally:
         await conn.close()

@@ -232,6 +232,49 @@ def test_rebuild_swaps_in_a_fresh_table(fresh_store: Store, fresh_db: str) -> No
     assert position.pos > 0
 
 
+def test_rebuild_of_a_consumer_group_fences_every_member(fresh_store: Store, fresh_db: str) -> None:
+    streams = [f"acct-{n}" for n in range(20)]
+    for stream in streams:
+        fresh_store.append(stream, [added(n) for n in range(3)])
+    live = [
+        ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"m{m}") for m in range(2)
+    ]
+
+    async def scenario() -> Position:
+        for worker in live:
+            await drain(worker)
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            conn.execute("UPDATE event_counts SET seen = 999")  # a corrupted read model
+        position = await rebuild(fresh_db, Counting())
+        for stream in streams:
+            fresh_store.append(stream, [added(9)])
+        # Both members still believe they hold their lease; both are fenced.
+        for worker in live:
+            with pytest.raises(LeaseLost):
+                await worker.run_once()
+            await worker.close()
+        assert counts(fresh_db) == {stream: (3, 3) for stream in streams}
+        # Restarted members go on from the rebuilt table's position, each stream once.
+        restarted = [
+            ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"r{m}")
+            for m in range(2)
+        ]
+        for worker in restarted:
+            await drain(worker)
+            await worker.close()
+        return position
+
+    position = asyncio.run(scenario())
+    assert counts(fresh_db) == {stream: (4, 4) for stream in streams}
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        members = conn.execute(
+            "SELECT member, members FROM pgstate.checkpoints WHERE projection = 'counting'"
+            " ORDER BY member"
+        ).fetchall()
+    assert members == [(0, 2), (1, 2)]
+    assert position.pos > 0
+
+
 def test_store_wait_for(fresh_store: Store) -> None:
     result = fresh_store.append("note-1", [added(1)])
     fresh_store.wait_for(result.last_position, timeout=5)
