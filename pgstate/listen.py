@@ -167,16 +167,20 @@ class Listener:
 
     def events(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[RecordedEvent]:
         """Every event after ``position``, blocking between them; returns when
-        ``should_stop()`` is true (checked at least once per poll interval)."""
+        ``should_stop()`` is true: checked after every event, and at least once per poll
+        interval while nothing arrives."""
         for page in self._pages(should_stop):
             for event in page:
                 self.position = event.position
                 yield event
+                if should_stop():
+                    return
 
     def batches(
         self, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[list[RecordedEvent]]:
-        """Like :meth:`events`, a page at a time."""
+        """Like :meth:`events`, a page at a time (``should_stop()`` is checked between
+        pages)."""
         for page in self._pages(should_stop):
             self.position = page[-1].position
             yield page
