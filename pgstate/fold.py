@@ -8,6 +8,7 @@ import hashlib
 import inspect
 from collections.abc import Generator
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 from pgstate._ops import Row, Statement, check_identifier, records
@@ -20,7 +21,11 @@ PAGE = 10_000
 class Fold:
     """Subclass with a ``name``, :meth:`initial` and :meth:`apply`. States are JSON objects
     (they are stored as jsonb snapshots). ``snapshot_every``: save a snapshot when a load
-    folded at least this many events."""
+    folded at least this many events.
+
+    Snapshots are keyed by :meth:`fold_hash`, which covers ``name``, ``version`` and the
+    code of ``initial`` and ``apply`` themselves, not what they call: bump ``version`` when
+    a helper they depend on changes what it computes."""
 
     name: str = ""
     version: str = "1"
@@ -33,13 +38,30 @@ class Fold:
         raise NotImplementedError
 
     def fold_hash(self) -> str:
+        """The fold's identity: name, version and the source of ``initial`` and ``apply``,
+        or, where the source cannot be read (a REPL, ``exec``, a frozen application), their
+        compiled code, so a change to either still invalidates the snapshots."""
         cls = type(self)
         try:
             code = inspect.getsource(cls.apply) + inspect.getsource(cls.initial)
         except (OSError, TypeError):
-            code = ""
+            code = "".join(
+                _code_fingerprint(method.__code__)
+                for method in (cls.apply, cls.initial)
+                if isinstance(getattr(method, "__code__", None), CodeType)
+            )
         text = f"{self.name or cls.__qualname__}\x00{self.version}\x00{code}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _code_fingerprint(code: CodeType) -> str:
+    """Bytecode, names and constants, nested functions included; stable across processes
+    of one Python version (a nested code object's repr would carry its address)."""
+    constants = [
+        _code_fingerprint(constant) if isinstance(constant, CodeType) else repr(constant)
+        for constant in code.co_consts
+    ]
+    return f"{code.co_code.hex()}|{code.co_names}|{'|'.join(constants)}"
 
 
 @dataclass(frozen=True, slots=True)
