@@ -6,8 +6,10 @@ process, passed as ``conn=``: one round trip per append (``append_one_v3``) and 
 event in the same transaction).
 
 Two drivers: ``pgstate`` (the default notification mode, ``relay``: writers never NOTIFY;
-the listener process hosts the relay) and ``pgstate_commit_notify`` (every writing
-transaction NOTIFYs), so both modes are measured in one run.
+its listener is woken by the server's log stream, or, where the server refuses a
+replication connection or PGSTATE_LISTENER_WAL=0, by a ``pgstate relay`` process it starts)
+and ``pgstate_commit_notify`` (every writing transaction NOTIFYs), so both modes are
+measured in one run.
 
 Run from the project root:
 

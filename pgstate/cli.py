@@ -1,4 +1,5 @@
-"""The ``pgstate`` command: migrate | check | sql | diagram | inspect | timeouts | demo."""
+"""The ``pgstate`` command: migrate | check | sql | diagram | inspect | timeouts | worker |
+relay | rebuild | notify-mode | demo."""
 
 from __future__ import annotations
 

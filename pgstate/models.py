@@ -332,8 +332,9 @@ class RejectionRecord:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Everything that happened to a stream: its events (with actor, reason, causation,
-    correlation, traceparent and machine version) and the rejected attempts."""
+    """Everything that happened to a stream: its events (with actor, causation,
+    correlation, traceparent and machine version; a transition's reason is in its
+    metadata) and the rejections recorded for audit."""
 
     events: list[RecordedEvent]
     rejections: list[RejectionRecord]

@@ -51,7 +51,7 @@ def _server() -> Iterator[str]:
     if _docker_answers():
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:17", driver=None) as container:
+        with PostgresContainer("postgres:18", driver=None) as container:
             yield container.get_connection_url()
         return
     from pgstate._embedded import EmbeddedPostgres
