@@ -55,63 +55,73 @@ CATCHUP_RATE = 3000
 CATCHUP_P99_MS = 2.0
 
 
+Figures = dict[tuple[str, str, str, str], dict[int, float]]
+
+
+def collect(results: dict[str, Any]) -> Figures:
+    """Every numeric figure of the run: (PostgreSQL, workload, driver, figure) -> {repetition:
+    value}."""
+    figures: Figures = defaultdict(dict)
+    for index, cell in enumerate(results.get("results", [])):
+        repetition = int(cell.get("rep", index))
+        key = (cell.get("pg_label", ""), cell.get("workload", ""), cell.get("driver", ""))
+        for name, value in cell.get("metrics", {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                figures[(*key, name)][repetition] = float(value)
+    return figures
+
+
+def paired_ratio(ours: dict[int, float], theirs: dict[int, float]) -> float | None:
+    """The median over repetitions of ours / theirs within each repetition, as the harness
+    computes its own "vs raw": a drift of the machine's speed between repetitions then
+    moves both sides of a ratio alike."""
+    ratios = [ours[r] / theirs[r] for r in sorted(ours.keys() & theirs.keys()) if theirs[r]]
+    return statistics.median(ratios) if ratios else None
+
+
 def ratio_table(results: dict[str, Any]) -> str:
-    """pgstate's headline figures (medians over repetitions) divided by each baseline's,
-    per PostgreSQL flavour and workload."""
-    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for cell in results.get("results", []):
-        metric = HEADLINE.get(cell.get("workload", ""))
-        if metric is None:
-            continue
-        value = cell.get("metrics", {}).get(metric)
-        if value is not None:
-            values[(cell.get("pg_label", ""), cell["workload"], cell["driver"])].append(value)
+    """pgstate's headline figures (medians over repetitions) against each baseline (paired
+    ratios, see :func:`paired_ratio`), per PostgreSQL flavour and workload."""
+    figures = collect(results)
     lines = [
         "| PostgreSQL | workload | driver | figure | "
         + " | ".join(f"vs {b}" for b in BASELINES)
         + " |",
         "|---|---|---|---|" + "---|" * len(BASELINES),
     ]
-    for (label, workload, driver), ours in sorted(values.items()):
-        if not driver.startswith("pgstate"):
+    for (label, workload, driver, name), ours in sorted(figures.items()):
+        if not driver.startswith("pgstate") or HEADLINE.get(workload) != name:
             continue
-        mine = statistics.median(ours)
-        row = [label, workload, driver, f"{mine:,.0f} {HEADLINE[workload]}"]
+        row = [label, workload, driver, f"{statistics.median(ours.values()):,.0f} {name}"]
         for baseline in BASELINES:
-            theirs = values.get((label, workload, baseline))
-            row.append(f"{mine / statistics.median(theirs):.2f}x" if theirs else "-")
+            ratio = paired_ratio(ours, figures.get((label, workload, baseline, name), {}))
+            row.append("-" if ratio is None else f"{ratio:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def target_table(results: dict[str, Any], driver: str = "pgstate") -> str:
-    """Each performance target against this run: the ratio (or lag) measured, and whether
-    it is reached. A target whose workload or baseline did not run is left out."""
-    figures: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
-    catchup: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for cell in results.get("results", []):
-        metrics = cell.get("metrics", {})
-        label, workload = cell.get("pg_label", ""), cell.get("workload", "")
-        if workload == "catchup_lag" and cell.get("driver") == driver:
-            catchup[label].append(metrics)
-        for name, value in metrics.items():
-            if isinstance(value, int | float):
-                figures[(label, workload, cell.get("driver", ""), name)].append(value)
+    """Each performance target against this run: the ratio (paired, as in the ratio table)
+    or lag measured, and whether it is reached. A target whose workload or baseline did not
+    run is left out."""
+    figures = collect(results)
     lines = ["| PostgreSQL | target | measured | reached |", "|---|---|---|---|"]
     for label in sorted({key[0] for key in figures}):
         for workload, figure, baseline, least in RATIO_TARGETS:
-            ours = figures.get((label, workload, driver, figure))
-            theirs = figures.get((label, workload, baseline, figure))
-            if not ours or not theirs:
+            ours = figures.get((label, workload, driver, figure), {})
+            ratio = paired_ratio(ours, figures.get((label, workload, baseline, figure), {}))
+            if ratio is None:
                 continue
-            ratio = statistics.median(ours) / statistics.median(theirs)
             target = f"{workload} {figure} >= {least}x {baseline}"
             verdict = "yes" if ratio >= least else "no"
             lines.append(f"| {label} | {target} | {ratio:.2f}x | {verdict} |")
-        at_rate = [m for m in catchup.get(label, []) if m.get("rate_per_s") == CATCHUP_RATE]
+        rates = figures.get((label, "catchup_lag", driver, "rate_per_s"), {})
+        at_rate = [r for r, rate in rates.items() if rate == CATCHUP_RATE]
         if at_rate:
-            missed = sum(int(m.get("missed") or 0) for m in at_rate)
-            worst_p99 = max(float(m.get("lag_p99_ms") or 0.0) for m in at_rate)
+            missed_by_rep = figures.get((label, "catchup_lag", driver, "missed"), {})
+            p99_by_rep = figures.get((label, "catchup_lag", driver, "lag_p99_ms"), {})
+            missed = int(sum(missed_by_rep.get(r, 0.0) for r in at_rate))
+            worst_p99 = max(p99_by_rep.get(r, float("inf")) for r in at_rate)
             target = f"catchup_lag at {CATCHUP_RATE}/s: 0 missed, p99 <= {CATCHUP_P99_MS} ms"
             verdict = "yes" if missed == 0 and worst_p99 <= CATCHUP_P99_MS else "no"
             measured = f"{missed} missed, worst p99 {worst_p99:.2f} ms"

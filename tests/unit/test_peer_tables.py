@@ -19,8 +19,14 @@ def load_script() -> ModuleType:
     return module
 
 
-def cell(workload: str, driver: str, **metrics: Any) -> dict[str, Any]:
-    return {"pg_label": "pg18", "workload": workload, "driver": driver, "metrics": metrics}
+def cell(workload: str, driver: str, rep: int = 0, **metrics: Any) -> dict[str, Any]:
+    return {
+        "pg_label": "pg18",
+        "workload": workload,
+        "driver": driver,
+        "rep": rep,
+        "metrics": metrics,
+    }
 
 
 def document(*cells: dict[str, Any]) -> dict[str, Any]:
@@ -33,17 +39,20 @@ def rows(table: str) -> list[list[str]]:
     ]
 
 
-def test_ratios_take_the_median_of_the_repetitions() -> None:
+def test_ratios_pair_each_repetition_with_the_baseline_of_the_same_repetition() -> None:
     run_peers = load_script()
+    # The machine ran at half speed in repetition 1: both sides slowed down alike.
     results = document(
-        cell("ticket_race", "pgstate", transitions_per_s=3000.0),
-        cell("ticket_race", "pgstate", transitions_per_s=9000.0),
-        cell("ticket_race", "pgstate", transitions_per_s=3100.0),
-        cell("ticket_race", "raw", transitions_per_s=6200.0),
+        cell("ticket_race", "pgstate", 0, transitions_per_s=3000.0),
+        cell("ticket_race", "pgstate", 1, transitions_per_s=1500.0),
+        cell("ticket_race", "pgstate", 2, transitions_per_s=3300.0),
+        cell("ticket_race", "raw", 0, transitions_per_s=6000.0),
+        cell("ticket_race", "raw", 1, transitions_per_s=3000.0),
+        cell("ticket_race", "raw", 2, transitions_per_s=5500.0),
     )
     [row] = rows(run_peers.ratio_table(results))
-    assert row[:3] == ["pg18", "ticket_race", "pgstate"]
-    assert row[4] == "0.50x"  # 3,100 / 6,200
+    assert row[:4] == ["pg18", "ticket_race", "pgstate", "3,000 transitions_per_s"]
+    assert row[4] == "0.50x"  # median of 0.50, 0.50, 0.60 (median over medians: 0.55)
     assert row[5:] == ["-", "-", "-"]  # baselines that did not run
 
 
@@ -68,16 +77,16 @@ def test_the_catchup_target_counts_every_repetition_at_its_rate() -> None:
     run_peers = load_script()
     catchup = "catchup_lag"
     passing = document(
-        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.2),
-        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.9),
-        cell(catchup, "pgstate", rate_per_s=200, missed=5, lag_p99_ms=9.0),  # other rate
+        cell(catchup, "pgstate", 0, rate_per_s=3000, missed=0, lag_p99_ms=1.2),
+        cell(catchup, "pgstate", 1, rate_per_s=3000, missed=0, lag_p99_ms=1.9),
+        cell(catchup, "pgstate", 2, rate_per_s=200, missed=5, lag_p99_ms=9.0),  # other rate
     )
     [row] = rows(run_peers.target_table(passing))
     assert row[2:] == ["0 missed, worst p99 1.90 ms", "yes"]
 
     one_slow = document(
-        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=1.2),
-        cell(catchup, "pgstate", rate_per_s=3000, missed=0, lag_p99_ms=2.3),
+        cell(catchup, "pgstate", 0, rate_per_s=3000, missed=0, lag_p99_ms=1.2),
+        cell(catchup, "pgstate", 1, rate_per_s=3000, missed=0, lag_p99_ms=2.3),
     )
     assert rows(run_peers.target_table(one_slow))[0][3] == "no"
 
