@@ -100,6 +100,10 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class _StillFailing(Exception):
+    """A parked event's projection failed again: roll its retry back."""
+
+
 class ProjectionWorker:
     """Runs one projection (or one member of its consumer group). Only one worker per
     member is active at a time: the others wait and take over when its lease runs out."""
@@ -321,8 +325,11 @@ class ProjectionWorker:
         return await self._execute("parked_events", {"projection": self.projection.name})
 
     async def retry_parked(self) -> int:
-        """Apply parked events again; those that now succeed are unparked. Returns how
-        many succeeded."""
+        """Apply parked events again. Each is taken off the parked list and applied in one
+        transaction, so two retries at once apply it once (the second finds it gone), and
+        one whose projection fails again is rolled back and stays parked as it was. Returns
+        how many were applied. Errors of pgstate's own statements (a lost connection)
+        propagate."""
         conn = await self._connection()
         succeeded = 0
         for tx, pos, *_ in await self.parked_events():
@@ -332,14 +339,22 @@ class ProjectionWorker:
             event = _ops.record(rows[0])
             try:
                 async with conn.transaction():
-                    await self.projection.apply(conn, event, self.table)
-                    await conn.execute(
+                    taken = await conn.execute(
                         query("unpark_event"),
                         {"projection": self.projection.name, "tx": str(tx), "pos": pos},
                     )
-                succeeded += 1
-            except Exception:
+                    row = await taken.fetchone()
+                    if row is None or not row[0]:
+                        continue  # another retry took it first
+                    try:
+                        await self.projection.apply(conn, event, self.table)
+                    except Exception as failure:
+                        raise _StillFailing from failure
+            except _StillFailing:
                 continue
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
+            succeeded += 1
         return succeeded
 
     async def release(self) -> None:

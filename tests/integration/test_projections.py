@@ -159,6 +159,61 @@ def test_worker_exactly_once_parking_and_retry(fresh_store: Store, fresh_db: str
     asyncio.run(scenario())
 
 
+class Gated(Counting):
+    """Counting that, inside its first retried apply, says it got there and then holds its
+    transaction open until another backend waits on a lock."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.inside = asyncio.Event()
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+    ) -> None:
+        await super().apply(conn, event, table)
+        self.inside.set()
+        async with await psycopg.AsyncConnection.connect(
+            libpq_dsn(self.dsn), autocommit=True
+        ) as watcher:
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                waiting = await watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                row = await waiting.fetchone()
+                if row is not None and row[0] > 0:
+                    return
+                assert asyncio.get_running_loop().time() < deadline, "no retry waited"
+                await asyncio.sleep(0.01)
+
+
+def test_two_retries_at_once_apply_a_parked_event_once(fresh_store: Store, fresh_db: str) -> None:
+    fresh_store.append("acct-1", [added(n) for n in range(5)])
+    parker = ProjectionWorker(fresh_db, Counting(poison={3}), max_attempts=1)
+    gated = Gated(fresh_db)
+    first = ProjectionWorker(fresh_db, gated, owner="first")
+    second = ProjectionWorker(fresh_db, Counting(), owner="second")
+
+    async def scenario() -> tuple[int, int]:
+        await drain(parker)
+        await parker.close()
+        assert len(await first.parked_events()) == 1
+        first_retry = asyncio.create_task(first.retry_parked())
+        await asyncio.wait_for(gated.inside.wait(), timeout=10)
+        # The first retry is inside its transaction; the second runs into it.
+        applied_by_second = await second.retry_parked()
+        applied_by_first = await first_retry
+        assert await second.parked_events() == []
+        await first.close()
+        await second.close()
+        return applied_by_first, applied_by_second
+
+    assert asyncio.run(scenario()) == (1, 0)
+    assert counts(fresh_db) == {"acct-1": (5, 4)}  # the retried event counted once
+
+
 def test_stale_worker_is_fenced(fresh_store: Store, fresh_db: str) -> None:
     fresh_store.append("acct-9", [added(1)])
     first = ProjectionWorker(
