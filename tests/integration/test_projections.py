@@ -370,6 +370,45 @@ def test_load_state_with_snapshots(fresh_store: Store) -> None:
     assert doubled.state["total"] == 2 * (sum(range(250)) + 1000)
 
 
+class ByVersion(Fold):
+    """A state keyed by int: JSON would turn the keys into strings."""
+
+    name = "by_version"
+    snapshot_every = 2
+
+    def initial(self) -> dict[str, Any]:
+        return {}
+
+    def apply(self, state: dict[Any, Any], event: RecordedEvent) -> dict[Any, Any]:
+        return {**state, event.version: event.type}
+
+
+class WithTimes(Fold):
+    name = "with_times"
+    snapshot_every = 2
+
+    def initial(self) -> dict[str, Any]:
+        return {"seen": []}
+
+    def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        return {"seen": [*state["seen"], event.recorded_at]}
+
+
+@pytest.mark.parametrize("fold", [ByVersion(), WithTimes()], ids=["int-keys", "datetimes"])
+def test_a_state_json_would_change_is_refused_a_snapshot(fresh_store: Store, fold: Fold) -> None:
+    from pgstate import InvalidInput
+
+    fresh_store.append("ledger-2", [added(1), added(2)])
+    folded = fresh_store.load_state("ledger-2", fold, use_snapshot=False)
+    with pytest.raises(InvalidInput) as refused:
+        fresh_store.load_state("ledger-2", fold)
+    assert refused.value.detail["field"] == "state"
+    with fresh_store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM pgstate.snapshots")).scalar_one()
+    assert stored == 0  # nothing saved that a later load would read back changed
+    assert fresh_store.load_state("ledger-2", fold, use_snapshot=False) == folded
+
+
 def test_group_size_is_one_per_projection(fresh_store: Store, fresh_db: str) -> None:
     from pgstate import InvalidInput
 
