@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 from pgstate._ops import (
     Row,
     Statement,
+    check_count,
     check_identifier,
     check_limit,
     encode_actor,
+    optional_text,
     read_stream,
 )
 from pgstate._sql import query
@@ -69,12 +71,6 @@ def _ttl_ms(ttl: object) -> int:
     return max(1, int(ttl / timedelta(milliseconds=1)))
 
 
-def _optional_text(value: object, field: str, max_length: int) -> str | None:
-    if value is None:
-        return None
-    return check_identifier(value, field, max_length)
-
-
 def register(machine: type[Machine]) -> Generator[Statement, list[Row], MachineRegistration]:
     from pgstate.machine import Machine
 
@@ -114,7 +110,7 @@ def create(
             "event_id": _uuid(event_id, "event_id"),
             "causation_id": _uuid(causation_id, "causation_id"),
             "correlation_id": _uuid(correlation_id, "correlation_id"),
-            "traceparent": _optional_text(traceparent, "traceparent", 512),
+            "traceparent": optional_text(traceparent, "traceparent", 512),
         },
     )
     state, version, machine_version, tx, pos, deadline_at, duplicate = rows[0]
@@ -146,24 +142,22 @@ def transition(
     check_identifier(stream_id, "stream_id")
     check_identifier(event, "event", 100)
     for field, number in (("expected_version", expected_version), ("lease_epoch", lease_epoch)):
-        if number is not None and (
-            isinstance(number, bool) or not isinstance(number, int) or number < 0
-        ):
-            raise InvalidInput(f"{field} must be an int >= 0", detail={"field": field})
+        if number is not None:
+            check_count(number, field)
     rows = yield Statement(
         query("transition"),
         {
             "tenant": tenant,
             "stream_id": stream_id,
             "event": event,
-            "expected_state": _optional_text(expected_state, "expected_state", 100),
+            "expected_state": optional_text(expected_state, "expected_state", 100),
             "expected_version": expected_version,
-            "idempotency_key": _optional_text(idempotency_key, "idempotency_key", 200),
+            "idempotency_key": optional_text(idempotency_key, "idempotency_key", 200),
             "actor": encode_actor(actor),
-            "reason": _optional_text(reason, "reason", 10_000),
+            "reason": optional_text(reason, "reason", 10_000),
             "data": _json_object(data, "data"),
             "lease_epoch": lease_epoch,
-            "traceparent": _optional_text(traceparent, "traceparent", 512),
+            "traceparent": optional_text(traceparent, "traceparent", 512),
             # Time-ordered ids made here: new ids land at the event-id index's right edge.
             "event_id": _uuid(event_id, "event_id") or uuid7(),
             "causation_id": _uuid(causation_id, "causation_id"),
@@ -172,7 +166,7 @@ def transition(
             # A rejection to raise comes back as a row and is raised here: same error,
             # without an ERROR's abort on the server and exception round on the client.
             "on_rejection": "return" if raise_rejection else "record",
-            "record_as": _optional_text(record_as, "record_as", 200),
+            "record_as": optional_text(record_as, "record_as", 200),
         },
     )
     (
@@ -227,6 +221,7 @@ def renew_lease(
 ) -> Generator[Statement, list[Row], Lease]:
     check_identifier(stream_id, "stream_id")
     check_identifier(owner, "owner")
+    check_count(epoch, "epoch")
     rows = yield Statement(
         query("renew_lease"),
         {
@@ -246,6 +241,7 @@ def release_lease(
 ) -> Generator[Statement, list[Row], None]:
     check_identifier(stream_id, "stream_id")
     check_identifier(owner, "owner")
+    check_count(epoch, "epoch")
     yield Statement(
         query("release_lease"),
         {"tenant": tenant, "stream_id": stream_id, "owner": owner, "epoch": epoch},
@@ -276,12 +272,13 @@ def migrate_instances(
     for field, number in (("from_version", from_version), ("to_version", to_version)):
         if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number < 2**31:
             raise InvalidInput(f"{field} must be a machine version number", detail={"field": field})
-    if not isinstance(state_map, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in state_map.items()
-    ):
+    if not isinstance(state_map, Mapping):
         raise InvalidInput(
             "state_map maps state names to state names", detail={"field": "state_map"}
         )
+    for old_state, new_state in state_map.items():
+        check_identifier(old_state, "state_map", 100)
+        check_identifier(new_state, "state_map", 100)
     rows = yield Statement(
         query("migrate_instances"),
         {

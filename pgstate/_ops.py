@@ -59,6 +59,25 @@ def check_identifier(value: object, field: str, max_length: int = MAX_STREAM_ID)
     return value
 
 
+def optional_text(value: object, field: str, max_length: int) -> str | None:
+    """None, or a checked identifier-like text (no NUL, valid Unicode, bounded length)."""
+    if value is None:
+        return None
+    return check_identifier(value, field, max_length)
+
+
+def check_count(value: object, field: str) -> int:
+    """A non-negative int that fits a bigint (versions, epochs)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInput(
+            f"{field} must be an int from 0 to 2**63 - 1, got {value!r}", detail={"field": field}
+        )
+    return value
+
+
+MAX_TRACEPARENT = 512
+
+
 def expected_code(expected: object) -> int:
     """The wire form of an expected version: -1 any, -2 exists, 0 none, n exactly n."""
     if isinstance(expected, ExpectedVersion):
@@ -247,7 +266,7 @@ def append(
         coerce_events(events, settings),
         expected_code(expected_version),
         encode_actor(actor),
-        traceparent,
+        optional_text(traceparent, "traceparent", MAX_TRACEPARENT),
         abort_on_conflict=False,
     )
     rows = yield statement
@@ -262,9 +281,22 @@ def append_many(
     actor: Mapping[str, Any] | None,
     traceparent: str | None,
 ) -> Generator[Statement, list[Row], list[AppendResult]]:
+    for field, items, kind in (
+        ("appends", appends, StreamAppend),
+        ("conditions", conditions, StreamCondition),
+    ):
+        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+            raise InvalidInput(f"{field} must be a list", detail={"field": field})
+        for item in items:
+            if not isinstance(item, kind):
+                raise InvalidInput(
+                    f"{field} holds {kind.__name__} items, got {type(item).__name__}",
+                    detail={"field": field},
+                )
     if not appends:
         raise InvalidInput("append_many needs at least one stream", detail={"field": "appends"})
     actor_json = encode_actor(actor)
+    traceparent = optional_text(traceparent, "traceparent", MAX_TRACEPARENT)
     seen: set[str] = set()
     work: list[tuple[str, int, Statement]] = []
     for item in appends:

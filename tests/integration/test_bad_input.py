@@ -642,3 +642,30 @@ def test_check_version_v1_rejects_bad_input(pgstate_db: str) -> None:
             with pytest.raises(psycopg.Error) as caught:
                 connection.execute("SELECT pgstate.check_version_v1(%s, %s, %s)", params)
             assert caught.value.diag.sqlstate == "SM012", params
+
+
+@pytest.mark.parametrize(
+    "traceparent", [5, "00-\ud800-01", "x" * 513], ids=["int", "surrogate", "513-chars"]
+)
+def test_bad_traceparent_on_appends(store: Store, conn: Connection, traceparent: Any) -> None:
+    with invalid(conn, "traceparent"):
+        store.append("order-12", opened(), traceparent=traceparent, conn=conn)
+    with invalid(conn, "traceparent"):
+        store.append_many([StreamAppend("order-12", opened())], traceparent=traceparent, conn=conn)
+
+
+@pytest.mark.parametrize(
+    ("field", "appends", "conditions"),
+    [
+        ("appends", "order-13", ()),
+        ("appends", [("order-13", opened())], ()),
+        ("conditions", [StreamAppend("order-13", opened())], ["order-14"]),
+        ("conditions", [StreamAppend("order-13", opened())], "order-14"),
+    ],
+    ids=["appends-str", "appends-tuples", "conditions-str-items", "conditions-str"],
+)
+def test_append_many_takes_its_own_types(
+    store: Store, conn: Connection, field: str, appends: Any, conditions: Any
+) -> None:
+    with invalid(conn, field):
+        store.append_many(appends, conditions=conditions, conn=conn)

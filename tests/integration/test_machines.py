@@ -3,10 +3,12 @@ leases, deadlines, idempotency keys, audit and instance migration."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -593,3 +595,46 @@ def test_client_and_server_agree_on_machine_names(store: Store, pgstate_db: str,
         return
     registered = store.register(machine)
     assert registered.version >= 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("expected_version", 2**63), ("lease_epoch", 2**64), ("lease_epoch", -1)],
+    ids=["version-2**63", "epoch-2**64", "epoch-negative"],
+)
+def test_numbers_beyond_a_bigint_are_invalid_input(store: Store, field: str, value: int) -> None:
+    stream, epoch = started(store)
+    before = store.stream_state(stream)
+    arguments: dict[str, Any] = {"expected_version": 2, "lease_epoch": epoch, field: value}
+    with pytest.raises(InvalidInput) as refused:
+        store.transition(stream, "pause", expected_state="running", **arguments)
+    assert refused.value.detail["field"] == field
+    with pytest.raises(InvalidInput):
+        store.try_transition(stream, "pause", expected_state="running", **arguments)
+    assert store.stream_state(stream) == before
+
+
+@pytest.mark.parametrize("epoch", ["1", None, 2**63, True], ids=repr)
+def test_a_lease_with_a_bad_epoch_is_invalid_input(store: Store, epoch: Any) -> None:
+    stream = new_id()
+    store.create(stream, Job)
+    lease = store.acquire_lease(stream, "w1", timedelta(seconds=30))
+    forged = dataclasses.replace(lease, epoch=epoch)
+    with pytest.raises(InvalidInput) as refused:
+        store.renew_lease(forged, timedelta(seconds=60))
+    assert refused.value.detail["field"] == "epoch"
+    with pytest.raises(InvalidInput):
+        store.release_lease(forged)
+    state = store.stream_state(stream)
+    assert state is not None and state.lease_owner == "w1"  # still held, unchanged
+
+
+@pytest.mark.parametrize(
+    "state_map",
+    [{"queued\x00": "queued"}, {"running": "\ud800"}, {"running": ""}, {"running": 7}],
+    ids=["nul", "surrogate", "empty", "int"],
+)
+def test_a_bad_state_map_is_invalid_input(store: Store, state_map: Any) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        store.migrate_instances("Job", 1, 2, state_map)
+    assert refused.value.detail["field"] == "state_map"
