@@ -103,15 +103,19 @@ class Listener:
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self.dsn, autocommit=True)
-        _prepare_adapters(conn.adapters)
-        if self.wal_wakeups:
-            # Opened before catching up, as LISTEN is: a commit meanwhile still rings.
-            self.doorbell, self.refusal = open_doorbell(self.dsn)
-            if self.doorbell is not None:
-                return conn
-        if self.use_listen:
-            # LISTEN before catching up: a commit during the catch-up still wakes us.
-            conn.execute(query("listen"))
+        try:
+            _prepare_adapters(conn.adapters)
+            if self.wal_wakeups:
+                # Opened before catching up, as LISTEN is: a commit meanwhile still rings.
+                self.doorbell, self.refusal = open_doorbell(self.dsn)
+                if self.doorbell is not None:
+                    return conn
+            if self.use_listen:
+                # LISTEN before catching up: a commit during the catch-up still wakes us.
+                conn.execute(query("listen"))
+        except BaseException:
+            conn.close()  # not yet self.conn: close() would not find it
+            raise
         return conn
 
     def _read_page(self, conn: psycopg.Connection[Any]) -> list[RecordedEvent]:
@@ -194,6 +198,12 @@ class Listener:
                 self.conn.close()
             finally:
                 self.conn = None
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # A physical replication stream's messages (the streaming replication protocol).
