@@ -242,13 +242,23 @@ def test_stale_worker_is_fenced(fresh_store: Store, fresh_db: str) -> None:
     asyncio.run(scenario())
 
 
-def test_consumer_group_splits_streams(fresh_store: Store, fresh_db: str) -> None:
+def twenty_streams_of_three(store: Store) -> list[str]:
     streams = [f"acct-{n}" for n in range(20)]
     for stream in streams:
-        fresh_store.append(stream, [added(n) for n in range(3)])
-    members = [
-        ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"m{m}") for m in range(2)
+        store.append(stream, [added(n) for n in range(3)])
+    return streams
+
+
+def group_of_two(dsn: str, owner: str) -> list[ProjectionWorker]:
+    return [
+        ProjectionWorker(dsn, Counting(), member=m, members=2, owner=f"{owner}{m}")
+        for m in range(2)
     ]
+
+
+def test_consumer_group_splits_streams(fresh_store: Store, fresh_db: str) -> None:
+    streams = twenty_streams_of_three(fresh_store)
+    members = group_of_two(fresh_db, "m")
 
     async def scenario() -> None:
         for worker in members:
@@ -288,12 +298,8 @@ def test_rebuild_swaps_in_a_fresh_table(fresh_store: Store, fresh_db: str) -> No
 
 
 def test_rebuild_of_a_consumer_group_fences_every_member(fresh_store: Store, fresh_db: str) -> None:
-    streams = [f"acct-{n}" for n in range(20)]
-    for stream in streams:
-        fresh_store.append(stream, [added(n) for n in range(3)])
-    live = [
-        ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"m{m}") for m in range(2)
-    ]
+    streams = twenty_streams_of_three(fresh_store)
+    live = group_of_two(fresh_db, "m")
 
     async def scenario() -> Position:
         for worker in live:
@@ -310,10 +316,7 @@ def test_rebuild_of_a_consumer_group_fences_every_member(fresh_store: Store, fre
             await worker.close()
         assert counts(fresh_db) == {stream: (3, 3) for stream in streams}
         # Restarted members go on from the rebuilt table's position, each stream once.
-        restarted = [
-            ProjectionWorker(fresh_db, Counting(), member=m, members=2, owner=f"r{m}")
-            for m in range(2)
-        ]
+        restarted = group_of_two(fresh_db, "r")
         for worker in restarted:
             await drain(worker)
             await worker.close()
