@@ -24,6 +24,19 @@ BEGIN
             jsonb_build_object('field', 'definition'));
     END IF;
 
+    -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
+    -- not the other would be stuck once its deadline passed, and no sweep could fire it.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE (s.value ->> 'timeout_ms' IS NULL) <> (s.value ->> 'on_timeout' IS NULL)
+                   OR (s.value ->> 'on_timeout' IS NOT NULL AND NOT EXISTS (
+                           SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                            WHERE e ->> 'from' = s.key
+                              AND e ->> 'event' = s.value ->> 'on_timeout'))) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'a state with a timeout needs an on_timeout event with an edge from it, and back',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+
     PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
     SELECT m.version, m.def_hash INTO o_version, v_latest_hash
       FROM pgstate.machines m WHERE m.name = p_name

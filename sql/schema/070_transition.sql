@@ -189,8 +189,8 @@ BEGIN
         END IF;
 
         -- 3. Deadline, on the clock (not the transaction start): no sweeper needs to have run.
-        v_is_timeout := v_deadline IS NOT NULL AND v_deadline <= v_now
-                        AND v_on_timeout = p_event;
+        -- Never NULL: a NULL here would skip the deadline and lease checks below.
+        v_is_timeout := coalesce(v_deadline <= v_now AND v_on_timeout = p_event, false);
         IF v_deadline <= v_now AND NOT v_is_timeout THEN
             o_code := 'SM007';
             o_message := format('the deadline of state %s passed at %s', v_state,

@@ -112,7 +112,15 @@ DECLARE
     v_head pgstate.streams%ROWTYPE;
 BEGIN
     PERFORM pgstate.check_lease_args(p_owner, 1);
-    v_head := pgstate.lease_head(p_tenant, p_stream_id);
+    -- Not lease_head: a lease may be given up on a finished instance too.
+    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    SELECT * INTO v_head FROM pgstate.streams s
+     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+    IF NOT FOUND THEN
+        PERFORM pgstate.raise_error('SM001', format('no stream %s', p_stream_id),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
     IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch <> p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
             format('%s does not hold lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
@@ -147,7 +155,7 @@ BEGIN
           FROM pgstate.streams s
           JOIN pgstate.machine_states st
             ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
-         WHERE s.deadline_at <= clock_timestamp()
+         WHERE s.deadline_at <= clock_timestamp() AND st.on_timeout IS NOT NULL
          ORDER BY s.deadline_at
          LIMIT p_limit * 4
     LOOP
@@ -180,7 +188,8 @@ END;
 $$;
 
 -- migrate_instances_v1: move live instances of one machine version to another under
--- their locks, appending a '$migrated' event each. The state map must be total.
+-- their locks, appending a '$migrated' event each. A state kept under its name maps to
+-- itself; the map must take every other live state to a state of the new version.
 CREATE FUNCTION pgstate.migrate_instances_v1(p_tenant text, p_machine text,
     p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb,
     p_after text, p_limit integer, OUT o_moved bigint, OUT o_last text)
@@ -191,6 +200,7 @@ AS $$
 DECLARE
     v_map      jsonb;
     v_missing  jsonb;
+    v_streams  text[];
     v_stream   text;
     v_head     pgstate.streams%ROWTYPE;
     v_to_state text;
@@ -233,21 +243,33 @@ BEGIN
 
     -- Finished instances stay as they are. Batches (p_after, p_limit) keep the number of
     -- stream locks held by one transaction bounded; ids go in byte order, as Python sorts.
-    FOR v_stream IN
-        SELECT s.stream_id FROM pgstate.streams s
+    -- Every lock of the batch is taken before the first write: this transaction gets its id
+    -- at that write, so a writer that committed to a later stream of the batch meanwhile
+    -- (with a newer id) would otherwise make the writer-order check refuse the whole batch.
+    SELECT array_agg(c.stream_id ORDER BY c.stream_id COLLATE "C") INTO v_streams
+      FROM (SELECT s.stream_id FROM pgstate.streams s
+              JOIN pgstate.machine_states st
+                ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
+             WHERE s.tenant = p_tenant AND s.machine = p_machine
+               AND s.machine_version = p_from_version AND NOT st.final
+               AND (p_after IS NULL OR s.stream_id COLLATE "C" > p_after COLLATE "C")
+             ORDER BY s.stream_id COLLATE "C"
+             LIMIT p_limit) c;
+    IF v_streams IS NULL THEN
+        RETURN;
+    END IF;
+    o_last := v_streams[array_upper(v_streams, 1)];
+    FOREACH v_stream IN ARRAY v_streams LOOP
+        PERFORM pgstate.lock_stream(p_tenant, v_stream);
+    END LOOP;
+    FOREACH v_stream IN ARRAY v_streams LOOP
+        -- Re-read under the lock: it may have moved on, or finished, since it was listed.
+        SELECT s.* INTO v_head FROM pgstate.streams s
           JOIN pgstate.machine_states st
             ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
-         WHERE s.tenant = p_tenant AND s.machine = p_machine
-           AND s.machine_version = p_from_version AND NOT st.final
-           AND (p_after IS NULL OR s.stream_id COLLATE "C" > p_after COLLATE "C")
-         ORDER BY s.stream_id COLLATE "C"
-         LIMIT p_limit
-    LOOP
-        o_last := v_stream;
-        PERFORM pgstate.lock_stream(p_tenant, v_stream);
-        SELECT * INTO v_head FROM pgstate.streams s
-         WHERE s.tenant = p_tenant AND s.stream_id = v_stream;
-        CONTINUE WHEN v_head.machine_version <> p_from_version;
+         WHERE s.tenant = p_tenant AND s.stream_id = v_stream
+           AND s.machine_version = p_from_version AND NOT st.final;
+        CONTINUE WHEN NOT FOUND;
         PERFORM pgstate.check_writer_order(p_tenant, v_stream, v_head.last_tx);
         v_to_state := v_map ->> v_head.state;
         SELECT st.timeout INTO v_timeout FROM pgstate.machine_states st
@@ -259,10 +281,13 @@ BEGIN
                                    'from_state', v_head.state, 'to_state', v_to_state),
                 jsonb_build_object('from_state', v_head.state, 'to_state', v_to_state),
                 gen_random_uuid(), p_actor, p_to_version);
+        -- A state kept under its name keeps its running deadline, if the new version still
+        -- times it out; a state without a timeout there has no deadline.
         UPDATE pgstate.streams
            SET state = v_to_state, machine_version = p_to_version, version = v_head.version + 1,
                last_tx = pg_current_xact_id(),
-               deadline_at = CASE WHEN v_to_state = v_head.state AND v_head.deadline_at IS NOT NULL
+               deadline_at = CASE WHEN v_timeout IS NULL THEN NULL
+                                  WHEN v_to_state = v_head.state AND v_head.deadline_at IS NOT NULL
                                   THEN v_head.deadline_at
                                   ELSE clock_timestamp() + v_timeout END,
                updated_at = clock_timestamp()

@@ -14,6 +14,7 @@ import sysconfig
 import textwrap
 import zipfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -553,3 +554,45 @@ def test_wheel_carries_sql_and_migrations_and_works(empty_db: str, tmp_path: Pat
     assert report["current"] == report["head"] == head()
     assert report["version"] == 1
     assert report["data"] == [{"from": "wheel"}]
+
+
+def test_0010_clears_deadlines_no_timeout_edge_can_fire(empty_db: str) -> None:
+    """An instance that an earlier migrate_instances left with a deadline its state does
+    not time (written directly here) loses it when 0010 runs; a timed state keeps its own."""
+    from pgstate.machine import Machine, State
+
+    class Plain(Machine):
+        name = "PlainForMigration"
+        waiting = State(initial=True)
+        done = State(final=True)
+        finish = waiting.to(done)
+
+    class Timed(Machine):
+        name = "TimedForMigration"
+        waiting = State(initial=True, timeout=timedelta(hours=1), on_timeout="expire")
+        done = State(final=True)
+        expire = waiting.to(done)
+
+    engine = engine_for(empty_db)
+    try:
+        upgrade(engine, "pgstate_0009")
+        with Store(empty_db) as store:
+            for machine, stream in ((Plain, "plain-1"), (Timed, "timed-1")):
+                store.register(machine)
+                store.create(stream, machine)
+        with psycopg.connect(empty_db) as conn:
+            conn.execute(
+                "UPDATE pgstate.streams SET deadline_at = clock_timestamp() - interval '1 hour'"
+                " WHERE stream_id = 'plain-1'"
+            )
+        upgrade(engine)
+        assert current(engine) == head()
+    finally:
+        engine.dispose()
+    with psycopg.connect(empty_db) as conn:
+        deadlines: dict[str, bool] = dict(
+            conn.execute(
+                "SELECT stream_id, deadline_at IS NOT NULL FROM pgstate.streams ORDER BY 1"
+            ).fetchall()
+        )
+    assert deadlines == {"plain-1": False, "timed-1": True}
