@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any
 
-from pgstate._json import loads
 from pgstate._ops import Row, Statement, check_identifier, records
 from pgstate._sql import query
 from pgstate.errors import InvalidInput
@@ -44,8 +43,15 @@ class Fold:
         or, where the source cannot be read (a REPL, ``exec``, a frozen application), their
         compiled code, so a change to either still invalidates the snapshots."""
         cls = type(self)
-        text = f"{self.name or cls.__qualname__}\x00{self.version}\x00{_fold_code(cls)}"
+        name = self.name or cls.__qualname__
+        text = f"{SNAPSHOT_FORMAT}\x00{name}\x00{self.version}\x00{_fold_code(cls)}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Part of every fold hash: raised when what a snapshot may hold changes, so snapshots
+# written under older rules are no longer read. 2: only states made of JSON's own types
+# (earlier, a state with integer keys was stored and read back with string keys).
+SNAPSHOT_FORMAT = 2
 
 
 # Once per class: reading the source costs a file stat and a tokenizer pass (about 270 µs),
@@ -69,33 +75,62 @@ def _fold_code(cls: type[Fold]) -> str:
 
 
 def snapshot_text(state: dict[str, Any]) -> str:
-    """The state as a snapshot's JSON, refused (InvalidInput) unless it reads back equal:
-    a snapshot of a state with integer keys, tuples or other values JSON changes would
-    hand later loads a different state than folding gives."""
-    try:
-        text = encode_json(state, "the folded state")
-    except ValueError as exc:
+    """The state as a snapshot's JSON. Refused (InvalidInput) unless it is made of JSON's
+    own types only (dict with str keys, list, str, int, float, bool, None), so a later load
+    that starts from the snapshot gets the state folding gives: a tuple, an int key, an
+    enum or a defaultdict would come back as something else."""
+    problem = _not_json(state, "state")
+    if problem is not None:
         raise InvalidInput(
-            f"{exc}; a fold's state must be a JSON object to be snapshotted",
-            detail={"field": "state"},
-        ) from None
-    if loads(text) != state:
-        raise InvalidInput(
-            "the folded state does not read back equal from JSON (integer keys, tuples?);"
-            " a snapshot would change it",
-            detail={"field": "state"},
+            f"the folded state cannot be snapshotted: {problem}", detail={"field": "state"}
         )
-    return text
+    try:
+        return encode_json(state, "the folded state")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), detail={"field": "state"}) from None
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _not_json(value: Any, where: str) -> str | None:
+    """Where ``value`` holds something other than JSON's own types, or None."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"{where} has a key of type {type(key).__name__}"
+            problem = _not_json(item, f"{where}[{key!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if kind is list:
+        for index, item in enumerate(value):
+            problem = _not_json(item, f"{where}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    if kind in _JSON_SCALARS:
+        return None
+    return f"{where} is a {kind.__name__}"
 
 
 def _code_fingerprint(code: CodeType) -> str:
     """Bytecode, names and constants, nested functions included; stable across processes
-    of one Python version (a nested code object's repr would carry its address)."""
-    constants = [
-        _code_fingerprint(constant) if isinstance(constant, CodeType) else repr(constant)
-        for constant in code.co_consts
-    ]
-    return f"{code.co_code.hex()}|{code.co_names}|{'|'.join(constants)}"
+    of one Python version (a nested code object's repr carries its address, a frozenset's
+    the order of its string hashes, which differ between processes)."""
+    constants = "|".join(_constant_fingerprint(constant) for constant in code.co_consts)
+    return f"{code.co_code.hex()}|{code.co_names}|{constants}"
+
+
+def _constant_fingerprint(constant: object) -> str:
+    if isinstance(constant, CodeType):
+        return _code_fingerprint(constant)
+    if isinstance(constant, frozenset):
+        return "{" + ",".join(sorted(_constant_fingerprint(item) for item in constant)) + "}"
+    if isinstance(constant, tuple):
+        return "(" + ",".join(_constant_fingerprint(item) for item in constant) + ")"
+    return repr(constant)
 
 
 @dataclass(frozen=True, slots=True)

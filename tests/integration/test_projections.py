@@ -4,6 +4,7 @@ parking, consumer groups, rebuild), read-your-writes and snapshots."""
 from __future__ import annotations
 
 import asyncio
+import enum
 from datetime import timedelta
 from typing import Any
 
@@ -397,7 +398,26 @@ class WithTimes(Fold):
         return {"seen": [*state["seen"], event.recorded_at]}
 
 
-@pytest.mark.parametrize("fold", [ByVersion(), WithTimes()], ids=["int-keys", "datetimes"])
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class WithEnum(Fold):
+    """An IntEnum compares equal to its int, and JSON gives the int back: not the state."""
+
+    name = "with_enum"
+    snapshot_every = 2
+
+    def initial(self) -> dict[str, Any]:
+        return {"level": Level.LOW}
+
+    def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        return state
+
+
+@pytest.mark.parametrize(
+    "fold", [ByVersion(), WithTimes(), WithEnum()], ids=["int-keys", "datetimes", "int-enum"]
+)
 def test_a_state_json_would_change_is_refused_a_snapshot(fresh_store: Store, fold: Fold) -> None:
     from pgstate import InvalidInput
 
