@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pgstate._ops import (
+    MAX_TRACEPARENT,
     Row,
     Statement,
     check_count,
@@ -110,7 +111,7 @@ def create(
             "event_id": _uuid(event_id, "event_id"),
             "causation_id": _uuid(causation_id, "causation_id"),
             "correlation_id": _uuid(correlation_id, "correlation_id"),
-            "traceparent": optional_text(traceparent, "traceparent", 512),
+            "traceparent": optional_text(traceparent, "traceparent", MAX_TRACEPARENT),
         },
     )
     state, version, machine_version, tx, pos, deadline_at, duplicate = rows[0]
@@ -157,7 +158,7 @@ def transition(
             "reason": optional_text(reason, "reason", 10_000),
             "data": _json_object(data, "data"),
             "lease_epoch": lease_epoch,
-            "traceparent": optional_text(traceparent, "traceparent", 512),
+            "traceparent": optional_text(traceparent, "traceparent", MAX_TRACEPARENT),
             # Time-ordered ids made here: new ids land at the event-id index's right edge.
             "event_id": _uuid(event_id, "event_id") or uuid7(),
             "causation_id": _uuid(causation_id, "causation_id"),

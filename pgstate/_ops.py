@@ -4,7 +4,7 @@ the sync and async stores share one implementation."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
@@ -276,23 +276,27 @@ def append(
 def append_many(
     settings: Settings,
     tenant: str,
-    appends: Sequence[StreamAppend],
-    conditions: Sequence[StreamCondition],
+    appends: Iterable[StreamAppend],
+    conditions: Iterable[StreamCondition],
     actor: Mapping[str, Any] | None,
     traceparent: str | None,
 ) -> Generator[Statement, list[Row], list[AppendResult]]:
-    for field, items, kind in (
+    checked: list[list[Any]] = []
+    for field, given, kind in (
         ("appends", appends, StreamAppend),
         ("conditions", conditions, StreamCondition),
     ):
-        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        if isinstance(given, str | bytes | Mapping) or not isinstance(given, Iterable):
             raise InvalidInput(f"{field} must be a list", detail={"field": field})
+        items = list(given)  # a generator is read once, here
+        checked.append(items)
         for item in items:
             if not isinstance(item, kind):
                 raise InvalidInput(
                     f"{field} holds {kind.__name__} items, got {type(item).__name__}",
                     detail={"field": field},
                 )
+    appends, conditions = checked
     if not appends:
         raise InvalidInput("append_many needs at least one stream", detail={"field": "appends"})
     actor_json = encode_actor(actor)

@@ -401,8 +401,9 @@ class Relay:
                     if self.wake != "poll":
                         doorbell, self.refusal = open_doorbell(self.dsn, "pgstate_relay")
                         if doorbell is None and self.wake == "wal":
+                            reason = f" ({self.refusal})" if self.refusal else ""
                             raise psycopg.OperationalError(
-                                f"the server refuses the log stream ({self.refusal})"
+                                f"the server refuses the log stream{reason}"
                                 " and the relay was told to wake on nothing else"
                             )
                     self.waking = "poll" if doorbell is None else "wal"

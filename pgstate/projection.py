@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,8 @@ from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
 from pgstate.errors import ConnectionLost, LeaseHeld, LeaseLost, TransientError, translate
 from pgstate.models import START, AppendResult, Instance, Position, RecordedEvent, TransitionResult
+
+log = logging.getLogger(__name__)
 
 
 class InlineProjection:
@@ -350,7 +353,14 @@ class ProjectionWorker:
                         await self.projection.apply(conn, event, self.table)
                     except Exception as failure:
                         raise _StillFailing from failure
-            except _StillFailing:
+            except _StillFailing as still:
+                log.warning(
+                    "projection %s: parked event %s:%s failed again: %r",
+                    self.projection.name,
+                    tx,
+                    pos,
+                    still.__cause__,
+                )
                 continue
             except psycopg.Error as exc:
                 raise translate(exc) from exc

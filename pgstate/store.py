@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -178,9 +178,9 @@ class Store(_StoreBase):
 
     def append_many(
         self,
-        appends: Sequence[StreamAppend],
+        appends: Iterable[StreamAppend],
         *,
-        conditions: Sequence[StreamCondition] = (),
+        conditions: Iterable[StreamCondition] = (),
         actor: Mapping[str, Any] | None = None,
         traceparent: str | None = None,
         conn: SyncConn | None = None,
@@ -533,9 +533,9 @@ class AsyncStore(_StoreBase):
 
     async def append_many(
         self,
-        appends: Sequence[StreamAppend],
+        appends: Iterable[StreamAppend],
         *,
-        conditions: Sequence[StreamCondition] = (),
+        conditions: Iterable[StreamCondition] = (),
         actor: Mapping[str, Any] | None = None,
         traceparent: str | None = None,
         conn: AsyncConn | None = None,

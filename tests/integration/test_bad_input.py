@@ -669,3 +669,9 @@ def test_append_many_takes_its_own_types(
 ) -> None:
     with invalid(conn, field):
         store.append_many(appends, conditions=conditions, conn=conn)
+
+
+def test_append_many_reads_a_generator_once(store: Store, conn: Connection) -> None:
+    appends = (StreamAppend(f"order-{n}", opened()) for n in (15, 16))
+    results = store.append_many(appends, conn=conn)
+    assert [r.stream_id for r in results] == ["order-15", "order-16"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -135,7 +136,9 @@ async def drain(worker: ProjectionWorker) -> None:
     raise AssertionError("worker did not drain")
 
 
-def test_worker_exactly_once_parking_and_retry(fresh_store: Store, fresh_db: str) -> None:
+def test_worker_exactly_once_parking_and_retry(
+    fresh_store: Store, fresh_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
     for stream in ("acct-1", "acct-2"):
         fresh_store.append(stream, [NewEvent(type="Added", data={"n": n}) for n in range(5)])
     projection = Counting(poison={3})
@@ -147,6 +150,10 @@ def test_worker_exactly_once_parking_and_retry(fresh_store: Store, fresh_db: str
         parked = await worker.parked_events()
         assert len(parked) == 2 and all("cannot handle" in row[4] for row in parked)
         assert counts(fresh_db) == {"acct-1": (4, 5), "acct-2": (4, 5)}
+        with caplog.at_level(logging.WARNING, logger="pgstate.projection"):
+            assert await worker.retry_parked() == 0  # still poisoned: both stay parked
+        assert len(await worker.parked_events()) == 2
+        assert [r.getMessage().count("failed again") for r in caplog.records] == [1, 1]
         projection.poison.clear()
         assert await worker.retry_parked() == 2
         assert await worker.parked_events() == []
