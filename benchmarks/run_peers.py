@@ -56,15 +56,19 @@ CATCHUP_P99_MS = 2.0
 
 
 Figures = dict[tuple[str, str, str, str], dict[int, float]]
+BROKEN = "<failed or violated an invariant>"  # a pseudo-figure: 1.0 for such a cell
 
 
 def collect(results: dict[str, Any]) -> Figures:
     """Every numeric figure of the run: (PostgreSQL, workload, driver, figure) -> {repetition:
     value}."""
     figures: Figures = defaultdict(dict)
-    for index, cell in enumerate(results.get("results", [])):
-        repetition = int(cell.get("rep", index))
+    for cell in results.get("results", []):
+        repetition = int(cell.get("rep", 0))  # as the harness's own report reads it
         key = (cell.get("pg_label", ""), cell.get("workload", ""), cell.get("driver", ""))
+        # A cell that failed or broke an invariant counts as such in the targets table.
+        broken = cell.get("ok") is False or bool(cell.get("violation_total"))
+        figures[(*key, BROKEN)][repetition] = float(broken)
         for name, value in cell.get("metrics", {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 figures[(*key, name)][repetition] = float(value)
@@ -100,6 +104,10 @@ def ratio_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def broken_cells(figures: Figures, label: str, workload: str, driver: str) -> int:
+    return int(sum(figures.get((label, workload, driver, BROKEN), {}).values()))
+
+
 def target_table(results: dict[str, Any], driver: str = "pgstate") -> str:
     """Each performance target against this run: the ratio (paired, as in the ratio table)
     or lag measured, and whether it is reached. A target whose workload or baseline did not
@@ -113,8 +121,10 @@ def target_table(results: dict[str, Any], driver: str = "pgstate") -> str:
             if ratio is None:
                 continue
             target = f"{workload} {figure} >= {least}x {baseline}"
-            verdict = "yes" if ratio >= least else "no"
-            lines.append(f"| {label} | {target} | {ratio:.2f}x | {verdict} |")
+            broken = broken_cells(figures, label, workload, driver)
+            verdict = "yes" if ratio >= least and not broken else "no"
+            measured = f"{ratio:.2f}x" + (f", {broken} broken cell(s)" if broken else "")
+            lines.append(f"| {label} | {target} | {measured} | {verdict} |")
         rates = figures.get((label, "catchup_lag", driver, "rate_per_s"), {})
         at_rate = [r for r, rate in rates.items() if rate == CATCHUP_RATE]
         if at_rate:
@@ -123,8 +133,12 @@ def target_table(results: dict[str, Any], driver: str = "pgstate") -> str:
             missed = int(sum(missed_by_rep.get(r, 0.0) for r in at_rate))
             worst_p99 = max(p99_by_rep.get(r, float("inf")) for r in at_rate)
             target = f"catchup_lag at {CATCHUP_RATE}/s: 0 missed, p99 <= {CATCHUP_P99_MS} ms"
-            verdict = "yes" if missed == 0 and worst_p99 <= CATCHUP_P99_MS else "no"
+            broken = broken_cells(figures, label, "catchup_lag", driver)
+            reached = missed == 0 and worst_p99 <= CATCHUP_P99_MS and not broken
+            verdict = "yes" if reached else "no"
             measured = f"{missed} missed, worst p99 {worst_p99:.2f} ms"
+            if broken:
+                measured += f", {broken} broken cell(s)"
             lines.append(f"| {label} | {target} | {measured} | {verdict} |")
     return "\n".join(lines)
 

@@ -7,8 +7,8 @@
 -- came out NULL, which skipped the deadline and lease checks, so a writer without the lease
 -- could move an instance another owner held. Now: the migration clears a deadline the new
 -- version does not time; transition_v3 treats that test as false, never NULL; the sweeper
--- takes only states with a timeout edge; register_machine_v1 refuses a timeout without its
--- on_timeout edge (the Python class already did); and existing instances in such a state
+-- takes only states with a timeout edge; register_machine_v1 refuses a new definition with a
+-- timeout and no on_timeout edge (the Python class already did); and existing instances in such a state
 -- lose their stale deadline below.
 --
 -- migrate_instances_v1 also locked and wrote its streams one by one, so a writer that
@@ -43,6 +43,14 @@ BEGIN
             jsonb_build_object('field', 'definition'));
     END IF;
 
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
+    SELECT m.version, m.def_hash INTO o_version, v_latest_hash
+      FROM pgstate.machines m WHERE m.name = p_name
+     ORDER BY m.version DESC LIMIT 1;
+    IF v_latest_hash = p_def_hash THEN
+        o_created := false;
+        RETURN;
+    END IF;
     -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
     -- not the other would be stuck once its deadline passed, and no sweep could fire it.
     IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
@@ -54,15 +62,6 @@ BEGIN
         PERFORM pgstate.raise_error('SM012',
             'a state with a timeout needs an on_timeout event with an edge from it, and back',
             jsonb_build_object('field', 'definition'));
-    END IF;
-
-    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
-    SELECT m.version, m.def_hash INTO o_version, v_latest_hash
-      FROM pgstate.machines m WHERE m.name = p_name
-     ORDER BY m.version DESC LIMIT 1;
-    IF v_latest_hash = p_def_hash THEN
-        o_created := false;
-        RETURN;
     END IF;
     o_version := coalesce(o_version, 0) + 1;
     o_created := true;

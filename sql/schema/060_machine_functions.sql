@@ -24,6 +24,14 @@ BEGIN
             jsonb_build_object('field', 'definition'));
     END IF;
 
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
+    SELECT m.version, m.def_hash INTO o_version, v_latest_hash
+      FROM pgstate.machines m WHERE m.name = p_name
+     ORDER BY m.version DESC LIMIT 1;
+    IF v_latest_hash = p_def_hash THEN
+        o_created := false;
+        RETURN;
+    END IF;
     -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
     -- not the other would be stuck once its deadline passed, and no sweep could fire it.
     IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
@@ -35,15 +43,6 @@ BEGIN
         PERFORM pgstate.raise_error('SM012',
             'a state with a timeout needs an on_timeout event with an edge from it, and back',
             jsonb_build_object('field', 'definition'));
-    END IF;
-
-    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
-    SELECT m.version, m.def_hash INTO o_version, v_latest_hash
-      FROM pgstate.machines m WHERE m.name = p_name
-     ORDER BY m.version DESC LIMIT 1;
-    IF v_latest_hash = p_def_hash THEN
-        o_created := false;
-        RETURN;
     END IF;
     o_version := coalesce(o_version, 0) + 1;
     o_created := true;

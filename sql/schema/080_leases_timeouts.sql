@@ -189,7 +189,8 @@ $$;
 
 -- migrate_instances_v1: move live instances of one machine version to another under
 -- their locks, appending a '$migrated' event each. A state kept under its name maps to
--- itself; the map must take every other live state to a state of the new version.
+-- itself; the map must take every other state of the old version (final ones too) to a
+-- state of the new version.
 CREATE FUNCTION pgstate.migrate_instances_v1(p_tenant text, p_machine text,
     p_from_version integer, p_to_version integer, p_state_map jsonb, p_actor jsonb,
     p_after text, p_limit integer, OUT o_moved bigint, OUT o_last text)

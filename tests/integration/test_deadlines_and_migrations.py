@@ -124,8 +124,8 @@ def wait_for_a_lock_waiter(dsn: str) -> None:
         deadline = time.monotonic() + 10
         while True:
             waiting = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND wait_event = 'advisory' AND datname = current_database()"
             ).fetchone()
             if waiting is not None and waiting[0] > 0:
                 return

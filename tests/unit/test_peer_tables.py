@@ -95,3 +95,23 @@ def test_the_catchup_target_counts_every_repetition_at_its_rate() -> None:
         "1 missed, worst p99 0.50 ms",
         "no",
     ]
+
+
+def test_a_broken_cell_fails_its_target() -> None:
+    run_peers = load_script()
+    catchup = cell("catchup_lag", "pgstate", 0, rate_per_s=3000, missed=0, lag_p99_ms=0.5)
+    catchup["violation_total"] = 3  # e.g. events delivered twice
+    race = cell("ticket_race", "pgstate", 0, transitions_per_s=9000.0)
+    race["ok"] = False
+    results = document(
+        catchup, race, cell("ticket_race", "redis_lua_aof_always", 0, transitions_per_s=10.0)
+    )
+    verdicts = {row[1]: (row[2], row[3]) for row in rows(run_peers.target_table(results))}
+    assert verdicts["ticket_race transitions_per_s >= 1.0x redis_lua_aof_always"] == (
+        "900.00x, 1 broken cell(s)",
+        "no",
+    )
+    assert verdicts["catchup_lag at 3000/s: 0 missed, p99 <= 2.0 ms"] == (
+        "0 missed, worst p99 0.50 ms, 1 broken cell(s)",
+        "no",
+    )
