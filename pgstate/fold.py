@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import CodeType
@@ -54,9 +55,10 @@ class Fold:
 SNAPSHOT_FORMAT = 2
 
 
-# Once per class: reading the source costs a file stat and a tokenizer pass (about 270 µs),
-# which every load_state would pay, on the event loop too for the async store.
-_FOLD_CODE: dict[type[Fold], str] = {}
+# Once per class, weakly held (a class made at run time may go): reading the source costs
+# a file stat and a tokenizer pass (about 270 µs), which every load_state would pay, on
+# the event loop too for the async store.
+_FOLD_CODE: weakref.WeakKeyDictionary[type[Fold], str] = weakref.WeakKeyDictionary()
 
 
 def _fold_code(cls: type[Fold]) -> str:
