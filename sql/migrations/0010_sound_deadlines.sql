@@ -17,7 +17,43 @@
 -- batch before its first write, and skips an instance that finished meanwhile.
 --
 -- release_lease_v1 refused to give up a lease on a finished instance (SM008); it no longer
--- checks the state.
+-- checks the state. It and lease_head now share locked_head (the head row under its lock).
+
+CREATE FUNCTION pgstate.locked_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_head pgstate.streams%ROWTYPE;
+BEGIN
+    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
+    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
+    SELECT * INTO v_head FROM pgstate.streams s
+     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
+    IF NOT FOUND THEN
+        PERFORM pgstate.raise_error('SM001', format('no stream %s', p_stream_id),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
+    RETURN v_head;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.lease_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_head  pgstate.streams%ROWTYPE;
+    v_final boolean;
+BEGIN
+    v_head := pgstate.locked_head(p_tenant, p_stream_id);
+    SELECT st.final INTO v_final FROM pgstate.machine_states st
+     WHERE st.name = v_head.machine AND st.version = v_head.machine_version
+       AND st.state = v_head.state;
+    IF v_final THEN
+        PERFORM pgstate.raise_error('SM008',
+            format('%s is in final state %s', p_stream_id, v_head.state),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
+    RETURN v_head;
+END;
+$$;
 
 CREATE OR REPLACE FUNCTION pgstate.register_machine_v1(p_name text, p_def_hash text, p_definition jsonb,
     OUT o_version integer, OUT o_created boolean)
@@ -424,14 +460,7 @@ DECLARE
 BEGIN
     PERFORM pgstate.check_lease_args(p_owner, 1);
     -- Not lease_head: a lease may be given up on a finished instance too.
-    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
-    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
-    SELECT * INTO v_head FROM pgstate.streams s
-     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-    IF NOT FOUND THEN
-        PERFORM pgstate.raise_error('SM001', format('no stream %s', p_stream_id),
-            pgstate.head_json(p_tenant, p_stream_id));
-    END IF;
+    v_head := pgstate.locked_head(p_tenant, p_stream_id);
     IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch <> p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
             format('%s does not hold lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
@@ -608,3 +637,21 @@ UPDATE pgstate.streams s
   FROM pgstate.machine_states st
  WHERE st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
    AND s.deadline_at IS NOT NULL AND st.on_timeout IS NULL;
+
+-- The new function's rights, as 900_grants.sql gives every function.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgstate FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_reader') THEN
+        GRANT USAGE ON SCHEMA pgstate TO pgstate_reader;
+        GRANT SELECT ON ALL TABLES IN SCHEMA pgstate TO pgstate_reader;
+        GRANT EXECUTE ON FUNCTION pgstate.read_all_v1(text, xid8, bigint, integer, text[]),
+            pgstate.read_category_v1(text, text, xid8, bigint, integer, text[])
+            TO pgstate_reader;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgstate TO pgstate_writer;
+    END IF;
+END;
+$$;

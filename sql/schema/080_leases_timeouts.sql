@@ -1,10 +1,10 @@
 -- Leases: one owner at a time, fenced by an epoch that grows with every new owner (and
 -- with every timeout edge), so a writer that lost its lease cannot land a write.
-CREATE FUNCTION pgstate.lease_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
+-- The stream's head row under its lock; SM001 when there is none.
+CREATE FUNCTION pgstate.locked_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_head  pgstate.streams%ROWTYPE;
-    v_final boolean;
+    v_head pgstate.streams%ROWTYPE;
 BEGIN
     PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
     PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
@@ -14,6 +14,18 @@ BEGIN
         PERFORM pgstate.raise_error('SM001', format('no stream %s', p_stream_id),
             pgstate.head_json(p_tenant, p_stream_id));
     END IF;
+    RETURN v_head;
+END;
+$$;
+
+-- The head row of an instance that may still take a lease: locked, and not finished.
+CREATE FUNCTION pgstate.lease_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_head  pgstate.streams%ROWTYPE;
+    v_final boolean;
+BEGIN
+    v_head := pgstate.locked_head(p_tenant, p_stream_id);
     SELECT st.final INTO v_final FROM pgstate.machine_states st
      WHERE st.name = v_head.machine AND st.version = v_head.machine_version
        AND st.state = v_head.state;
@@ -113,14 +125,7 @@ DECLARE
 BEGIN
     PERFORM pgstate.check_lease_args(p_owner, 1);
     -- Not lease_head: a lease may be given up on a finished instance too.
-    PERFORM pgstate.check_stream_id(p_tenant, p_stream_id);
-    PERFORM pgstate.lock_stream(p_tenant, p_stream_id);
-    SELECT * INTO v_head FROM pgstate.streams s
-     WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id;
-    IF NOT FOUND THEN
-        PERFORM pgstate.raise_error('SM001', format('no stream %s', p_stream_id),
-            pgstate.head_json(p_tenant, p_stream_id));
-    END IF;
+    v_head := pgstate.locked_head(p_tenant, p_stream_id);
     IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch <> p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
             format('%s does not hold lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
