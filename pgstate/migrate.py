@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.util import await_only
 
 from alembic import command
 from pgstate._connect import psycopg_url, resolve_dsn
@@ -97,7 +99,11 @@ def execute_script(connection: Connection, sql: str) -> None:
     """Run a multi-statement SQL file on the connection's psycopg driver: without
     parameters psycopg neither parses placeholders nor splits the text."""
     driver: Any = connection.connection.driver_connection
-    driver.execute(sql)
+    executed = driver.execute(sql)
+    if inspect.isawaitable(executed):
+        # An async engine's connection, inside run_sync (AsyncStore.migrate, or an async
+        # Alembic environment): wait for it in the greenlet SQLAlchemy runs us in.
+        await_only(executed)
 
 
 def apply_schema(connection: Connection) -> None:

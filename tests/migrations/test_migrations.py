@@ -596,3 +596,28 @@ def test_0010_clears_deadlines_no_timeout_edge_can_fire(empty_db: str) -> None:
             ).fetchall()
         )
     assert deadlines == {"plain-1": False, "timed-1": True}
+
+
+def test_async_store_migrate_builds_the_same_catalog(
+    empty_db: str, pgstate_server: str, pgstate_template: str
+) -> None:
+    """AsyncStore.migrate runs the same migrations on an async engine's connection; the
+    schema it builds is the whole one, not just a version row."""
+    import asyncio
+
+    from pgstate import AsyncStore
+
+    async def migrate_and_append() -> int:
+        async with AsyncStore(empty_db) as astore:
+            await astore.migrate()
+            await astore.migrate()  # safe to run twice
+            appended = await astore.append("order-1", [NewEvent(type="Placed")])
+            return appended.version
+
+    assert asyncio.run(migrate_and_append()) == 1
+    assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
+    engine = engine_for(empty_db)
+    try:
+        assert current(engine) == head()
+    finally:
+        engine.dispose()
