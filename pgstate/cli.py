@@ -12,15 +12,17 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate.config import Settings
+from pgstate.errors import ConnectionLost, TransientError
 from pgstate.listen import Relay
 from pgstate.machine import Machine
 from pgstate.projection import Projection, ProjectionWorker, rebuild
+
+log = logging.getLogger("pgstate.cli")
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -96,15 +98,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_timeouts(args: argparse.Namespace) -> int:
     from pgstate.store import Store
 
-    store = Store(_dsn(args))
-    while True:
-        fired = store.fire_due_timeouts(limit=args.batch)
-        for item in fired:
-            print(f"{item.stream_id}: {item.event} {item.from_state} -> {item.to_state}")
-        if args.once:
-            return 0
-        if len(fired) < args.batch:
-            time.sleep(args.interval)
+    stop = _stop_on_sigterm()
+    with Store(_dsn(args)) as store, contextlib.suppress(KeyboardInterrupt):
+        while not stop.is_set():
+            try:
+                fired = store.fire_due_timeouts(limit=args.batch)
+            except (ConnectionLost, TransientError) as problem:
+                if args.once:
+                    raise
+                log.warning("timeouts: %s; trying again in %g s", problem, args.interval)
+                stop.wait(args.interval)
+                continue
+            for item in fired:
+                print(
+                    f"{item.tenant}/{item.stream_id}: {item.event}"
+                    f" {item.from_state} -> {item.to_state}",
+                    flush=True,
+                )
+            if args.once:
+                return 0
+            if len(fired) < args.batch:
+                stop.wait(args.interval)
+    return 0
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """An event set by SIGTERM, so a long-running command stops cleanly under a service
+    manager (Ctrl-C stops it through KeyboardInterrupt)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
 
 
 def _load_projection(target: str) -> Projection:
@@ -127,8 +150,7 @@ WAKE_HELP = (
 
 def cmd_relay(args: argparse.Namespace) -> int:
     """The notification relay alone, in its own process (no GIL shared with a worker)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _stop_on_sigterm()
 
     relay = Relay(_dsn(args), interval=args.interval, wake=args.wake, min_gap=args.min_gap)
 
@@ -150,20 +172,22 @@ def cmd_relay(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Projections, the deadline sweeper and (in relay mode) the notification relay."""
     dsn = _dsn(args)
-    stop = threading.Event()
-    threads = []
+    stop = _stop_on_sigterm()
     if args.relay:
         relay = Relay(dsn, interval=args.relay_interval, wake=args.relay_wake)
-        threads.append(threading.Thread(target=relay.run, args=(stop.is_set,), daemon=True))
-    for thread in threads:
-        thread.start()
+        threading.Thread(target=relay.run, args=(stop.is_set,), daemon=True).start()
 
     async def sweep() -> None:
         from pgstate.store import AsyncStore
 
         async with AsyncStore(dsn) as store:
             while not stop.is_set():
-                fired = await store.fire_due_timeouts(limit=100)
+                try:
+                    fired = await store.fire_due_timeouts(limit=100)
+                except (ConnectionLost, TransientError) as problem:
+                    # A database outage must not take the projections down with it.
+                    log.warning("worker: deadline sweep: %s; trying again in 1 s", problem)
+                    fired = []
                 if len(fired) < 100:
                     await asyncio.sleep(1.0)
 
@@ -180,15 +204,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(
             f"pgstate worker: {len(workers)} projection(s), relay {'on' if args.relay else 'off'}"
         )
+        sys.stdout.flush()
         try:
-            await asyncio.gather(*tasks)
+            if tasks:
+                await asyncio.gather(*tasks)
+            else:  # only the relay runs, in its thread
+                await asyncio.to_thread(stop.wait)
         finally:
             stop.set()
+            # Give the leases up, so a successor need not wait for them to lapse.
+            for worker in workers:
+                with contextlib.suppress(Exception):
+                    await worker.release()
+                with contextlib.suppress(Exception):
+                    await worker.close()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        stop.set()
     return 0
 
 

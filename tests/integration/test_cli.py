@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from pgstate.machine import Machine, State
 from pgstate.migrate import head
 from pgstate.testing import cloned_database
 
@@ -74,9 +78,14 @@ def test_worker_and_rebuild_commands(fresh_db: str) -> None:
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+    assert worker.returncode == 0, worker.stderr.read() if worker.stderr else ""
     with psycopg.connect(libpq_dsn(fresh_db)) as conn:
         rows = conn.execute("SELECT ticket, state FROM ticket_board ORDER BY ticket").fetchall()
+        owners = conn.execute(
+            "SELECT owner FROM pgstate.checkpoints WHERE projection = 'ticket_board'"
+        ).fetchall()
     assert rows == [(f"ticket-{n}", "new") for n in range(5)]
+    assert owners == [(None,)]  # stopped by SIGTERM, it gave its lease up
     rebuilt = subprocess.run(
         [*PGSTATE, "rebuild", "ticket_board:board", "--dsn", fresh_db],
         env=env,
@@ -123,3 +132,81 @@ def test_relay_command_notifies_when_the_head_moves(fresh_db: str, wake: str) ->
     finally:
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(timeout=10) == 0
+
+
+def test_a_worker_with_only_the_relay_keeps_running(fresh_db: str) -> None:
+    worker = subprocess.Popen(
+        [*PGSTATE, "worker", "--relay", "--no-timeouts", "--dsn", fresh_db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().startswith("pgstate worker: 0 projection(s), relay on")
+        # With nothing to gather, it used to return at once and take the relay with it.
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=2)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert worker.returncode == 0
+
+
+class Blink(Machine):
+    name = "CliBlink"
+    on = State(initial=True, timeout=timedelta(milliseconds=100), on_timeout="expire")
+    off = State(final=True)
+    expire = on.to(off)
+
+
+def test_the_timeouts_command_rides_out_a_database_outage(fresh_db: str) -> None:
+    """Connections to its database refused for a while: the sweeper warns and goes on, and
+    fires the next due deadline once the database is back."""
+    from sqlalchemy.engine import make_url
+
+    from pgstate import Store
+    from pgstate._connect import libpq_dsn
+
+    database = make_url(fresh_db).database
+    admin_url = make_url(fresh_db).set(database="postgres").render_as_string(False)
+    store = Store(fresh_db)
+    store.register(Blink)
+    sweeper = subprocess.Popen(
+        [*PGSTATE, "timeouts", "--interval", "0.05", "--dsn", fresh_db],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    warned = threading.Event()
+
+    def watch_warnings() -> None:
+        assert sweeper.stderr is not None
+        for line in sweeper.stderr:
+            if "timeouts:" in line and "trying again" in line:
+                warned.set()
+
+    watcher = threading.Thread(target=watch_warnings, daemon=True)
+    watcher.start()
+    try:
+        with psycopg.connect(libpq_dsn(admin_url), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+            assert warned.wait(timeout=30), "the sweeper never reported the outage"
+            assert sweeper.poll() is None  # still running
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        store.close()
+        store = Store(fresh_db)
+        store.create("blink-1", Blink)
+        assert sweeper.stdout is not None
+        fired = sweeper.stdout.readline()  # blocks until the sweeper fires the deadline
+        assert fired.strip() == "default/blink-1: expire on -> off"
+    finally:
+        sweeper.terminate()
+        sweeper.wait(timeout=30)
+        store.close()
+    assert sweeper.returncode == 0
