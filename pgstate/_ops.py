@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import Any, LiteralString, TypeVar
 
 from pgstate._json import loads, loads_each
 from pgstate._sql import query
@@ -273,6 +273,23 @@ def append(
     return append_result(stream_id, rows[0])
 
 
+Item = TypeVar("Item")
+
+
+def _items_of(given: object, field: str, kind: type[Item]) -> list[Item]:
+    """``given`` as a list of ``kind`` (a generator is read once, here), or InvalidInput."""
+    if isinstance(given, str | bytes | Mapping) or not isinstance(given, Iterable):
+        raise InvalidInput(f"{field} must be a list", detail={"field": field})
+    items = list(given)
+    for item in items:
+        if not isinstance(item, kind):
+            raise InvalidInput(
+                f"{field} holds {kind.__name__} items, got {type(item).__name__}",
+                detail={"field": field},
+            )
+    return items
+
+
 def append_many(
     settings: Settings,
     tenant: str,
@@ -281,22 +298,8 @@ def append_many(
     actor: Mapping[str, Any] | None,
     traceparent: str | None,
 ) -> Generator[Statement, list[Row], list[AppendResult]]:
-    checked: list[list[Any]] = []
-    for field, given, kind in (
-        ("appends", appends, StreamAppend),
-        ("conditions", conditions, StreamCondition),
-    ):
-        if isinstance(given, str | bytes | Mapping) or not isinstance(given, Iterable):
-            raise InvalidInput(f"{field} must be a list", detail={"field": field})
-        items = list(given)  # a generator is read once, here
-        checked.append(items)
-        for item in items:
-            if not isinstance(item, kind):
-                raise InvalidInput(
-                    f"{field} holds {kind.__name__} items, got {type(item).__name__}",
-                    detail={"field": field},
-                )
-    appends, conditions = checked
+    appends = _items_of(appends, "appends", StreamAppend)
+    conditions = _items_of(conditions, "conditions", StreamCondition)
     if not appends:
         raise InvalidInput("append_many needs at least one stream", detail={"field": "appends"})
     actor_json = encode_actor(actor)
