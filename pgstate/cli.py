@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
@@ -54,13 +55,31 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_machine(target: str) -> type[Machine]:
+def _resolve(target: str, example: str) -> object:
+    """The object a MODULE:NAME argument names; a one-line exit message (status 2, as for
+    any other bad argument) when the module or the name is not there."""
     module_name, _, attribute = target.partition(":")
-    if not attribute:
-        raise SystemExit("give the machine as MODULE:Class, e.g. pgstate.triage:Ticket")
-    machine = getattr(importlib.import_module(module_name), attribute)
+    if not module_name or not attribute:
+        _bad_argument(f"give {target!r} as MODULE:NAME, e.g. {example}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as problem:
+        _bad_argument(f"cannot import {module_name!r} (from {target!r}): {problem}")
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        _bad_argument(f"module {module_name!r} has no {attribute!r} (from {target!r})")
+
+
+def _bad_argument(message: str) -> NoReturn:
+    print(f"pgstate: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_machine(target: str) -> type[Machine]:
+    machine = _resolve(target, "pgstate.triage:Ticket")
     if not (isinstance(machine, type) and issubclass(machine, Machine)):
-        raise SystemExit(f"{target} is not a pgstate Machine")
+        _bad_argument(f"{target} is not a pgstate Machine")
     return machine
 
 
@@ -131,13 +150,10 @@ def _stop_on_sigterm() -> threading.Event:
 
 
 def _load_projection(target: str) -> Projection:
-    module_name, _, attribute = target.partition(":")
-    if not attribute:
-        raise SystemExit("give the projection as MODULE:NAME")
-    value = getattr(importlib.import_module(module_name), attribute)
+    value = _resolve(target, "myapp.projections:order_totals")
     projection = value() if isinstance(value, type) else value
     if not isinstance(projection, Projection):
-        raise SystemExit(f"{target} is not a pgstate Projection")
+        _bad_argument(f"{target} is not a pgstate Projection")
     return projection
 
 

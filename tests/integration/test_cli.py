@@ -42,12 +42,38 @@ def test_diagram_and_sql() -> None:
     assert "classifying --> new: give_up_classifying (after 5m)" in mermaid.stdout
     dot = run("diagram", "pgstate.triage:Ticket", "--format", "dot")
     assert '"resolved" [shape=doublecircle];' in dot.stdout
-    bad = run("diagram", "pgstate.triage")
-    assert bad.returncode != 0
     sql = run("sql")
     assert sql.returncode == 0
     for path in sorted((Path(__file__).parents[2] / "sql" / "migrations").glob("*.sql")):
         assert f"-- {path.name}" in sql.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("diagram", "pgstate.triage"), "as MODULE:NAME"),
+        (("diagram", ":Ticket"), "as MODULE:NAME"),
+        (("diagram", "no_such_module_here:Ticket"), "cannot import 'no_such_module_here'"),
+        (("diagram", "pgstate.triage:NoSuchClass"), "has no 'NoSuchClass'"),
+        (("diagram", "pgstate.triage:timedelta"), "is not a pgstate Machine"),
+        (
+            ("rebuild", "no_such_module_here:totals", "--dsn", "postgresql:///unused"),
+            "cannot import",
+        ),
+        (
+            ("rebuild", "pgstate.triage:Ticket", "--dsn", "postgresql:///unused"),
+            "is not a pgstate Projection",
+        ),
+    ],
+)
+def test_a_bad_module_name_argument_is_one_line_not_a_traceback(
+    args: tuple[str, ...], message: str
+) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_worker_and_rebuild_commands(fresh_db: str) -> None:
