@@ -94,6 +94,9 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # Machine names default to the class name, so capitals are allowed; dots and dashes allow
 # namespacing. The same pattern as register_machine_v1's on the server.
 MACHINE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$")
+# The longest state timeout: a deadline is a timestamp, and one beyond the server's range
+# would make every create or transition into that state fail. The server checks the same.
+MAX_TIMEOUT = timedelta(days=36_500)
 JSON_TYPES: frozenset[str] = frozenset({"string", "number", "boolean", "object", "array", "null"})
 
 
@@ -125,7 +128,13 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 def _whole_ms(value: Decimal, shown: object) -> timedelta:
     if value != value.to_integral_value():
         raise MachineDefinitionError(f"duration {shown!r} is not a whole number of milliseconds")
-    return timedelta(milliseconds=int(value))
+    return _milliseconds(int(value), shown)
+
+
+def _milliseconds(count: int, shown: object) -> timedelta:
+    if abs(count) > _timedelta_ms(MAX_TIMEOUT):
+        raise MachineDefinitionError(f"duration {shown!r} is longer than {MAX_TIMEOUT.days} days")
+    return timedelta(milliseconds=count)
 
 
 def parse_duration(value: str | int | float) -> timedelta:
@@ -699,6 +708,11 @@ def _check_timeouts(
         if timeout is not None:
             if timeout <= timedelta(0):
                 problems.append(f"state {sname!r}: timeout must be positive, got {timeout}")
+            elif timeout > MAX_TIMEOUT:
+                problems.append(
+                    f"state {sname!r}: timeout must be at most {MAX_TIMEOUT.days} days, "
+                    f"got {timeout}"
+                )
             elif timeout % timedelta(milliseconds=1):
                 problems.append(
                     f"state {sname!r}: timeout must be a whole number of milliseconds, "
@@ -1175,7 +1189,9 @@ def machine_from_definition(definition: Mapping[str, Any]) -> type[Machine]:
                 name=sname,
                 initial=sname == initial,
                 final=_expect_bool(spec["final"], f"{path}.final"),
-                timeout=None if timeout_ms is None else timedelta(milliseconds=timeout_ms),
+                timeout=None
+                if timeout_ms is None
+                else _milliseconds(timeout_ms, f"{path}.timeout_ms"),
                 on_timeout=_doc_optional_str(spec["on_timeout"], f"{path}.on_timeout"),
             )
         )

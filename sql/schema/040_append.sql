@@ -16,6 +16,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_found   integer;
     v_matches integer;
+    v_offsets integer;
 BEGIN
     -- A retry repeats the whole batch, so its first id decides; one index probe instead of
     -- one per event on every append that is not a retry.
@@ -23,18 +24,21 @@ BEGIN
         duplicate := NULL;  -- not a retry
         RETURN;
     END IF;
+    -- One distinct (version - place in the batch) when the stored versions follow the
+    -- batch's order: the same ids in another order are another request.
     SELECT count(*),
            count(*) FILTER (WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id
                               AND e.type = u.type AND e.data = u.data::jsonb),
+           count(DISTINCT e.version - u.place),
            min(e.version), max(e.version), min(e.tx), min(e.pos), max(e.pos)
-      INTO v_found, v_matches, from_version, to_version, tx, first_pos, last_pos
-      FROM unnest(p_event_ids, p_types, p_data) AS u(id, type, data)
+      INTO v_found, v_matches, v_offsets, from_version, to_version, tx, first_pos, last_pos
+      FROM unnest(p_event_ids, p_types, p_data) WITH ORDINALITY AS u(id, type, data, place)
       JOIN pgstate.events e ON e.event_id = u.id;
     IF v_found = 0 THEN
         duplicate := NULL;  -- not a retry
         RETURN;
     END IF;
-    IF v_found <> cardinality(p_event_ids) OR v_matches <> v_found
+    IF v_found <> cardinality(p_event_ids) OR v_matches <> v_found OR v_offsets <> 1
        OR to_version - from_version + 1 <> v_found
        OR (p_expected >= 0 AND from_version <> p_expected + 1) THEN
         PERFORM pgstate.raise_error('SM006',

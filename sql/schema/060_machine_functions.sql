@@ -1,12 +1,11 @@
--- register_machine_v1: store a compiled definition. The same definition as the newest
--- version is a no-op; anything else becomes the next version.
+-- register_machine_v1: store a compiled definition. A definition registered before (as
+-- any version: an older replica of a rolling deploy registers its own again) is a no-op
+-- that answers with that version; anything else becomes the next version.
 CREATE FUNCTION pgstate.register_machine_v1(p_name text, p_def_hash text, p_definition jsonb,
     OUT o_version integer, OUT o_created boolean)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_latest_hash text;
 BEGIN
     IF p_name IS NULL OR p_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,99}$' THEN
         PERFORM pgstate.raise_error('SM012', 'machine name must be 1 to 100 letters, digits, _ . -',
@@ -25,12 +24,21 @@ BEGIN
     END IF;
 
     PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
-    SELECT m.version, m.def_hash INTO o_version, v_latest_hash
-      FROM pgstate.machines m WHERE m.name = p_name
+    SELECT m.version INTO o_version
+      FROM pgstate.machines m WHERE m.name = p_name AND m.def_hash = p_def_hash
      ORDER BY m.version DESC LIMIT 1;
-    IF v_latest_hash = p_def_hash THEN
+    IF FOUND THEN
         o_created := false;
         RETURN;
+    END IF;
+    SELECT max(m.version) INTO o_version FROM pgstate.machines m WHERE m.name = p_name;
+    -- A deadline is a timestamp: a timeout beyond 100 years would put every instance that
+    -- enters the state out of the server's range.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE jsonb_typeof(s.value -> 'timeout_ms') = 'number'
+                  AND (s.value -> 'timeout_ms')::numeric NOT BETWEEN 1 AND 3153600000000) THEN
+        PERFORM pgstate.raise_error('SM012', 'a timeout must be 1 ms to 36500 days',
+            jsonb_build_object('field', 'definition'));
     END IF;
     -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
     -- not the other would be stuck once its deadline passed, and no sweep could fire it.
@@ -76,8 +84,10 @@ DECLARE
     v_key     text;
     v_spec    jsonb;
 BEGIN
+    -- A kind is a JSON string: ->> would also turn 1 or true into a text that matches.
     IF p_guard ? 'actor_kinds'
-       AND NOT coalesce((p_guard -> 'actor_kinds') ? (p_actor ->> 'kind'), false) THEN
+       AND NOT coalesce(jsonb_typeof(p_actor -> 'kind') = 'string'
+                        AND (p_guard -> 'actor_kinds') ? (p_actor ->> 'kind'), false) THEN
         RETURN format('actor kind %s is not one of %s',
                       coalesce(p_actor ->> 'kind', 'none'), p_guard -> 'actor_kinds');
     END IF;
@@ -150,15 +160,21 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pgstate.streams s
                 WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id) THEN
         SELECT e.event_id, e.tx, e.pos, e.data, s.machine, s.state, s.version,
-               s.machine_version, s.deadline_at INTO v_first
+               s.machine_version, s.deadline_at, created_as.def_hash INTO v_first
           FROM pgstate.events e
           JOIN pgstate.streams s ON s.tenant = e.tenant AND s.stream_id = e.stream_id
+          LEFT JOIN pgstate.machines created_as
+                 ON created_as.name = s.machine AND created_as.version = e.machine_version
          WHERE e.tenant = p_tenant AND e.stream_id = p_stream_id AND e.version = 1;
         IF p_event_id IS NOT NULL AND v_first.event_id = p_event_id THEN
+            -- The definition it was created with (the event's version: a migration may
+            -- have moved the instance on since), when the retry names one.
             IF v_first.machine IS DISTINCT FROM p_machine
-               OR v_first.data <> coalesce(p_data, '{}'::jsonb) THEN
+               OR v_first.data <> coalesce(p_data, '{}'::jsonb)
+               OR v_first.def_hash IS DISTINCT FROM coalesce(p_def_hash, v_first.def_hash) THEN
                 PERFORM pgstate.raise_error('SM006',
-                    format('event id %s created %s with another machine or data', p_event_id,
+                    format('event id %s created %s with another machine, definition or data',
+                           p_event_id,
                            p_stream_id),
                     pgstate.head_json(p_tenant, p_stream_id));
             END IF;

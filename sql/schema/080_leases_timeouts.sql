@@ -18,7 +18,8 @@ BEGIN
 END;
 $$;
 
--- The head row of an instance that may still take a lease: locked, and not finished.
+-- The head row of an instance that may still take a lease: locked, a state-machine
+-- instance (a lease on a plain stream would guard nothing), and not finished.
 CREATE FUNCTION pgstate.lease_head(p_tenant text, p_stream_id text) RETURNS pgstate.streams
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -26,6 +27,11 @@ DECLARE
     v_final boolean;
 BEGIN
     v_head := pgstate.locked_head(p_tenant, p_stream_id);
+    IF v_head.machine IS NULL THEN
+        PERFORM pgstate.raise_error('SM001',
+            format('no state-machine instance %s', p_stream_id),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
     SELECT st.final INTO v_final FROM pgstate.machine_states st
      WHERE st.name = v_head.machine AND st.version = v_head.machine_version
        AND st.state = v_head.state;
@@ -175,7 +181,9 @@ BEGIN
         SELECT * INTO v_result FROM pgstate.transition_v1(
             v_candidate.tenant, v_candidate.stream_id, v_candidate.on_timeout,
             v_candidate.state, v_candidate.version,
-            'timeout:' || v_candidate.stream_id || ':' || v_candidate.version,
+            -- No idempotency key: the lock and the version re-read above already make a
+            -- second firing impossible, and a key here would share the clients' namespace.
+            NULL,
             jsonb_build_object('kind', 'system', 'name', 'deadline-sweeper'),
             'deadline passed', NULL, NULL, NULL, NULL, NULL, NULL, false, false, NULL);
         CONTINUE WHEN v_result.o_outcome <> 'applied';
@@ -223,9 +231,27 @@ BEGIN
             format('machine %s has no version %s or %s', p_machine, p_from_version, p_to_version),
             jsonb_build_object('machine', p_machine));
     END IF;
+    IF p_from_version = p_to_version THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('instances migrate between two versions, not from version %s to itself',
+                   p_from_version),
+            jsonb_build_object('field', 'to_version'));
+    END IF;
     IF jsonb_typeof(coalesce(p_state_map, '{}'::jsonb)) <> 'object' THEN
         PERFORM pgstate.raise_error('SM012', 'state map must be a JSON object',
             jsonb_build_object('field', 'state_map'));
+    END IF;
+    -- A key that names no state of the old version is a typo, not a no-op.
+    SELECT jsonb_agg(k ORDER BY k) INTO v_missing
+      FROM jsonb_object_keys(coalesce(p_state_map, '{}'::jsonb)) k
+     WHERE NOT EXISTS (SELECT 1 FROM pgstate.machine_states a
+                        WHERE a.name = p_machine AND a.version = p_from_version
+                          AND a.state = k);
+    IF v_missing IS NOT NULL THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('the state map names states %s that version %s does not have',
+                   v_missing, p_from_version),
+            jsonb_build_object('field', 'state_map', 'unknown', v_missing));
     END IF;
     -- States that exist under the same name in both versions map to themselves by default.
     SELECT coalesce(jsonb_object_agg(a.state, a.state), '{}'::jsonb) || coalesce(p_state_map, '{}'::jsonb)

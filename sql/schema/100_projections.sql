@@ -125,7 +125,7 @@ BEGIN
 END;
 $$;
 
--- Advance a checkpoint: only forward, only by the current epoch's live owner. Call it in
+-- Advance a checkpoint: only forward, only by the current epoch's owner. Call it in
 -- the transaction that wrote the projection's rows, so both commit or neither does.
 CREATE FUNCTION pgstate.save_checkpoint_v1(p_projection text, p_member integer, p_epoch bigint,
     p_tx xid8, p_pos bigint, p_ttl_ms bigint) RETURNS void
@@ -142,9 +142,12 @@ BEGIN
         PERFORM pgstate.raise_error('SM001', format('no projection %s member %s', p_projection, p_member),
             jsonb_build_object('projection', p_projection, 'member', p_member));
     END IF;
-    IF v_row.epoch <> p_epoch OR v_row.lease_expires_at <= v_now THEN
+    -- The epoch fences, not the clock: a worker whose page outlasted its lease still owns
+    -- the checkpoint if nobody claimed it since (its fence has held the row all along), and
+    -- refusing it would roll back every long page forever.
+    IF v_row.epoch <> p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
-            format('projection %s member %s: epoch %s is stale or expired (current %s)',
+            format('projection %s member %s: epoch %s is stale (current %s)',
                    p_projection, p_member, p_epoch, v_row.epoch),
             jsonb_build_object('projection', p_projection, 'member', p_member,
                                'lease_owner', v_row.owner, 'lease_epoch', v_row.epoch));
@@ -208,12 +211,12 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- Same fencing as the checkpoint: only the live owner may park.
+    -- Same fencing as the checkpoint: only the owner's epoch may park.
     IF NOT EXISTS (SELECT 1 FROM pgstate.checkpoints c
                     WHERE c.projection = p_projection AND c.member = p_member
-                      AND c.epoch = p_epoch AND c.lease_expires_at > clock_timestamp()) THEN
+                      AND c.epoch = p_epoch) THEN
         PERFORM pgstate.raise_error('SM005',
-            format('projection %s member %s: epoch %s is stale or expired', p_projection,
+            format('projection %s member %s: epoch %s is stale', p_projection,
                    p_member, p_epoch),
             jsonb_build_object('projection', p_projection, 'member', p_member));
     END IF;

@@ -159,6 +159,18 @@ def test_same_id_with_different_body_raises(store: Store, conn: Connection) -> N
     assert caught.value.current_version == 1
 
 
+@pytest.mark.parametrize("expected", [0, ExpectedVersion.ANY], ids=["exact", "any"])
+def test_the_same_ids_in_another_order_are_another_request(
+    store: Store, conn: Connection, expected: int
+) -> None:
+    first, second = NewEvent(type="Opened"), NewEvent(type="Opened")
+    store.append("order-14", [first, second], expected_version=expected, conn=conn)
+    with pytest.raises(IdempotencyKeyReused), conn.begin_nested():
+        store.append("order-14", [second, first], expected_version=expected, conn=conn)
+    retried = store.append("order-14", [first, second], expected_version=expected, conn=conn)
+    assert retried.duplicate and (retried.from_version, retried.version) == (1, 2)
+
+
 def test_same_id_on_another_stream_raises(store: Store, conn: Connection) -> None:
     event = NewEvent(type="Opened", data={})
     store.append("order-10", [event], conn=conn)

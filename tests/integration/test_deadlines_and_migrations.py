@@ -189,3 +189,27 @@ def test_a_lease_is_given_up_on_a_finished_instance(store: Store) -> None:
     store.release_lease(lease)
     head = store.stream_state(stream)
     assert head is not None and head.state == "done" and head.lease_owner is None
+
+
+def test_a_client_key_shaped_like_the_sweepers_does_not_block_the_timeout(store: Store) -> None:
+    """The sweeper once used 'timeout:<stream>:<version>' as its idempotency key, in the
+    clients' namespace: a client key of that form on the same stream blocked the timeout
+    for good (a rejection on every sweep). The sweeper now gives no key: it already runs
+    under the stream lock at the version it read."""
+    name = unique("Waiter")
+    store.register(waiter(name, timed=True))
+    stream = unique("waiter")
+    store.create(stream, name)
+    nudged = store.transition(stream, "nudge", idempotency_key=f"timeout:{stream}:2")
+    assert nudged.version == 2 and nudged.deadline_at is not None
+    while datetime.now(nudged.deadline_at.tzinfo) <= nudged.deadline_at:
+        time.sleep(0.01)
+
+    fired = [item for item in store.fire_due_timeouts(10_000) if item.stream_id == stream]
+
+    assert [(item.event, item.from_state, item.to_state, item.version) for item in fired] == [
+        ("expire", "waiting", "expired", 3)
+    ]
+    history = store.history(stream)
+    assert [event.type for event in history.events][-1] == "expire"
+    assert history.rejections == []

@@ -31,7 +31,7 @@ from pgstate import (
 )
 from pgstate._connect import libpq_dsn
 from pgstate.errors import translate
-from pgstate.machine import Guard, Machine, MachineDefinitionError, State
+from pgstate.machine import Guard, Machine, MachineDefinitionError, State, machine_from_definition
 
 SHORT = timedelta(milliseconds=150)
 
@@ -638,3 +638,155 @@ def test_a_bad_state_map_is_invalid_input(store: Store, state_map: Any) -> None:
     with pytest.raises(InvalidInput) as refused:
         store.migrate_instances("Job", 1, 2, state_map)
     assert refused.value.detail["field"] == "state_map"
+
+
+def two_versions(machine_name: str) -> tuple[type[Machine], type[Machine]]:
+    """Two definitions under one machine name: 'new' -> 'done', then with a 'held' state."""
+
+    class First(Machine):
+        name = machine_name
+        new = State(initial=True)
+        done = State(final=True)
+        finish = new.to(done)
+
+    class Second(Machine):
+        name = machine_name
+        new = State(initial=True)
+        held = State()
+        done = State(final=True)
+        hold = new.to(held)
+        finish = held.to(done)
+
+    return First, Second
+
+
+def test_registering_an_older_definition_again_answers_with_its_version(store: Store) -> None:
+    """A rolling deploy: replicas of the old and the new code register in turns."""
+    name = f"Rolling{uuid.uuid4().hex[:8]}"
+    first, second = two_versions(name)
+    answers = [store.register(machine) for machine in (first, second, first, second, first)]
+    assert [(answer.version, answer.created) for answer in answers] == [
+        (1, True),
+        (2, True),
+        (1, False),
+        (2, False),
+        (1, False),
+    ]
+    stream = new_id()
+    assert store.create(stream, first).machine_version == 1
+    assert store.create(new_id(), second).machine_version == 2
+
+
+def test_a_retried_create_naming_another_definition_is_refused(store: Store) -> None:
+    name = f"Retried{uuid.uuid4().hex[:8]}"
+    first, second = two_versions(name)
+    store.register(first)
+    store.register(second)
+    stream, event_id = new_id(), uuid.uuid4()
+    store.create(stream, first, event_id=event_id)
+    assert store.create(stream, first, event_id=event_id).duplicate
+    assert store.create(stream, name, event_id=event_id).duplicate  # names no definition
+    with pytest.raises(IdempotencyKeyReused) as caught:
+        store.create(stream, second, event_id=event_id)
+    assert caught.value.current_state == "new" and caught.value.current_version == 1
+    # After a migration the retry still matches the definition it was created with.
+    assert store.migrate_instances(name, 1, 2, {}) == 1
+    assert store.create(stream, first, event_id=event_id).duplicate
+
+
+def test_migrating_a_version_to_itself_or_with_an_unknown_state_is_refused(store: Store) -> None:
+    name = f"Mistyped{uuid.uuid4().hex[:8]}"
+    first, second = two_versions(name)
+    store.register(first)
+    store.register(second)
+    stream = new_id()
+    store.create(stream, first)
+    with pytest.raises(InvalidInput, match="to itself"):
+        store.migrate_instances(name, 1, 1, {"new": "done"})
+    with pytest.raises(InvalidInput, match='"nwe"') as caught:
+        store.migrate_instances(name, 1, 2, {"nwe": "held"})
+    assert caught.value.detail["unknown"] == ["nwe"]
+    head = store.stream_state(stream)
+    assert head is not None and (head.state, head.version, head.machine_version) == ("new", 1, 1)
+
+
+def test_a_lease_on_a_plain_stream_is_refused(store: Store) -> None:
+    from pgstate import NewEvent
+
+    stream = f"plain-{uuid.uuid4().hex[:8]}"
+    store.append(stream, [NewEvent(type="Noted")])
+    with pytest.raises(NotFound, match="no state-machine instance"):
+        store.acquire_lease(stream, "w1", timedelta(seconds=5))
+    head = store.stream_state(stream)
+    assert head is not None and head.lease_owner is None and head.lease_epoch == 0
+
+
+@pytest.mark.parametrize("kind", [1, True, None, ["worker"], {"worker": 1}], ids=repr)
+def test_an_actor_kind_that_is_not_a_string_fails_the_guard(store: Store, kind: Any) -> None:
+    class Gated(Machine):
+        name = "GatedByKind"
+        open = State(initial=True)
+        closed = State(final=True)
+        close = open.to(closed, guard=Guard(actor_kinds=["1", "true", "null", "worker"]))
+
+    store.register(Gated)
+    stream = new_id()
+    store.create(stream, Gated)
+    with pytest.raises(GuardRejected):
+        store.transition(stream, "close", actor={"kind": kind})
+    assert store.transition(stream, "close", actor={"kind": "worker"}).to_state == "closed"
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [timedelta(days=36_501), timedelta(days=200_000_000)],
+    ids=["36501-days", "200M-days"],
+)
+def test_a_timeout_beyond_36500_days_is_a_definition_error(timeout: timedelta) -> None:
+    with pytest.raises(MachineDefinitionError, match="36500 days"):
+
+        class Forever(Machine):
+            waiting = State(initial=True, timeout=timeout, on_timeout="give_up")
+            gone = State(final=True)
+            give_up = waiting.to(gone)
+
+        Forever.definition()
+
+
+def test_a_huge_timeout_in_a_document_is_a_definition_error() -> None:
+    document = {
+        "name": "HugeTimeout",
+        "initial": "waiting",
+        "states": {
+            "waiting": {"final": False, "timeout_ms": 10**14 * 1000, "on_timeout": "give_up"},
+            "gone": {"final": True, "timeout_ms": None, "on_timeout": None},
+        },
+        "edges": [
+            {
+                "event": "give_up",
+                "from": "waiting",
+                "to": "gone",
+                "requires_lease": False,
+                "guard": None,
+            }
+        ],
+    }
+    with pytest.raises(MachineDefinitionError, match="36500 days"):
+        machine_from_definition(document)
+
+
+def test_the_server_refuses_a_timeout_beyond_36500_days(store: Store, pgstate_db: str) -> None:
+    definition = {
+        "initial": "waiting",
+        "states": {
+            "waiting": {"final": False, "timeout_ms": 3153600000001, "on_timeout": "give_up"},
+            "gone": {"final": True},
+        },
+        "edges": [{"event": "give_up", "from": "waiting", "to": "gone"}],
+    }
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn, pytest.raises(psycopg.Error) as caught:
+        conn.execute(
+            "SELECT * FROM pgstate.register_machine_v1('HugeTimeoutSql', %s, %s::jsonb)",
+            ("0" * 64, psycopg.types.json.Jsonb(definition)),
+        )
+    assert isinstance(translate(caught.value), InvalidInput)
