@@ -3,6 +3,8 @@ connection (sync or async) and translate errors."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -15,6 +17,7 @@ from psycopg.types.numeric import Int8BinaryLoader, IntLoader
 
 from pgstate._json import loads
 from pgstate._ops import Op, Row
+from pgstate._sql import query
 from pgstate.errors import translate
 
 _XID8_OID = 5069  # built-in type oid, fixed since PostgreSQL 13
@@ -116,3 +119,45 @@ async def _adrive(conn: psycopg.AsyncConnection[Any], op: Op) -> Any:
         return stop.value
     finally:
         vars(conn)[_CURSOR_ATTRIBUTE] = cursor
+
+
+# Not psycopg's transaction(): on a caller's connection whose transaction has not sent its
+# first statement yet, that would BEGIN and COMMIT a transaction of its own, outside the
+# caller's. A plain SAVEPOINT joins the caller's transaction, opening it if need be.
+@contextmanager
+def savepoint(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Run the block under a savepoint of the connection's transaction: on an error, what
+    the block wrote leaves the transaction, which stays usable; the error goes on as it is."""
+    _execute(conn, "savepoint_projected")
+    try:
+        yield
+    except BaseException:
+        _execute(conn, "rollback_to_projected")
+        raise
+    _execute(conn, "release_projected")
+
+
+def _execute(conn: psycopg.Connection[Any], name: str) -> None:
+    try:
+        conn.execute(query(name))
+    except psycopg.Error as exc:
+        raise translate(exc) from exc
+
+
+@asynccontextmanager
+async def asavepoint(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """The async twin of :func:`savepoint`."""
+    await _aexecute(conn, "savepoint_projected")
+    try:
+        yield
+    except BaseException:
+        await _aexecute(conn, "rollback_to_projected")
+        raise
+    await _aexecute(conn, "release_projected")
+
+
+async def _aexecute(conn: psycopg.AsyncConnection[Any], name: str) -> None:
+    try:
+        await conn.execute(query(name))
+    except psycopg.Error as exc:
+        raise translate(exc) from exc

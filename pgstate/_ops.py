@@ -116,7 +116,11 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
             event = NewEvent.model_validate(event)
         if not isinstance(event, NewEvent):
             raise InvalidInput("events must be NewEvent instances", detail={"field": "events"})
-        size = event.encoded_size
+        try:
+            size = event.encoded_size
+        except ValueError as exc:
+            # A copy made with model_copy(update=...) skips validation: its JSON is checked here.
+            raise InvalidInput(str(exc), detail={"field": "events"}) from None
         if size > settings.max_event_bytes:
             raise InvalidInput(
                 f"event {event.type!r} is {size} bytes, over the limit of "
@@ -152,6 +156,8 @@ def position_params(after: Position | str | None) -> dict[str, Any]:
         raise InvalidInput(
             "after must be a Position, a 'tx:pos' string or None", detail={"field": "after"}
         )
+    if not all(type(part) is int for part in after):
+        raise InvalidInput(f"a position holds two ints, got {after!r}", detail={"field": "after"})
     if not (0 <= after.tx < 2**64 and 0 <= after.pos < 2**63):
         raise InvalidInput(f"after is out of range: {after!r}", detail={"field": "after"})
     return {"tx": str(after.tx), "pos": after.pos}
@@ -462,6 +468,24 @@ def _page(rows: list[Row], after: Position | str | None) -> Page:
     return Page(events, after)
 
 
+# The highest pos a position can have: (tx, LAST_POS) is after every event of tx.
+LAST_POS = 2**63 - 1
+
+
+def _filtered_page(rows: list[Row], after: Position | str | None, limit: int) -> Page:
+    """A page of a type-filtered read, whose rows carry the statement's horizon last (and
+    a single row without an event when nothing matched). A page short of the limit saw
+    every event below the horizon, matched or not, so its cursor moves past them all."""
+    horizon = int(rows[0][-1])
+    page = _page([row[:-1] for row in rows if row[0] is not None], after)
+    if len(page.events) == limit or horizon == 0:
+        return page
+    scanned = Position(horizon - 1, LAST_POS)
+    if page.last_position is not None and page.last_position >= scanned:
+        return page
+    return Page(page.events, scanned)
+
+
 def read_all(
     tenant: str,
     after: Position | str | None,
@@ -474,10 +498,10 @@ def read_all(
     type_names = _types_param(types)
     if type_names is None:
         rows = yield Statement(query("read_all"), params)
-    else:
-        params["types"] = type_names
-        rows = yield Statement(query("read_all_types"), params)
-    return _page(rows, after)
+        return _page(rows, after)
+    params["types"] = type_names
+    rows = yield Statement(query("read_all_types"), params)
+    return _filtered_page(rows, after, params["limit"])
 
 
 def read_category(
@@ -494,10 +518,10 @@ def read_category(
     type_names = _types_param(types)
     if type_names is None:
         rows = yield Statement(query("read_category"), params)
-    else:
-        params["types"] = type_names
-        rows = yield Statement(query("read_category_types"), params)
-    return _page(rows, after)
+        return _page(rows, after)
+    params["types"] = type_names
+    rows = yield Statement(query("read_category_types"), params)
+    return _filtered_page(rows, after, params["limit"])
 
 
 def stream_state(

@@ -194,10 +194,13 @@ _TRANSIENT: dict[str, type[TransientError]] = {
 # Unique-key backstops: if a check is ever bypassed, the constraint still refuses, and the
 # refusal reaches the caller as the same typed error the check would have raised.
 _CONSTRAINTS: dict[str, type[Rejected]] = {
-    "events_stream_version_key": VersionConflict,
     "events_event_id_key": IdempotencyKeyReused,
-    "streams_pkey": VersionConflict,
 }
+# Writers of a stream wait for its lock, then read its head afresh, so these two keys only
+# refuse a writer whose snapshot is older than the head: a REPEATABLE READ or SERIALIZABLE
+# transaction that began before another writer committed. Like the server's own
+# serialization failures, the answer is to run the whole transaction again.
+_STALE_SNAPSHOT_CONSTRAINTS = frozenset({"events_stream_version_key", "streams_pkey"})
 
 
 def _parse_detail(text: str | None) -> dict[str, Any]:
@@ -224,6 +227,13 @@ def translate(error: BaseException) -> PgStateError:
         if sqlstate == "23505" and diag.constraint_name in _CONSTRAINTS:
             backstop = _CONSTRAINTS[diag.constraint_name]
             return backstop(message, sqlstate=sqlstate, detail={"constraint": diag.constraint_name})
+        if sqlstate == "23505" and diag.constraint_name in _STALE_SNAPSHOT_CONSTRAINTS:
+            return SerializationFailure(
+                "the stream moved on after this transaction's snapshot was taken; run the "
+                "whole transaction again",
+                sqlstate=SerializationFailure.sqlstate,
+                detail={"constraint": diag.constraint_name, "server_message": message},
+            )
         transient = _TRANSIENT.get(sqlstate or "")
         if transient is not None:
             return transient(message, sqlstate=sqlstate, detail=_parse_detail(diag.message_detail))

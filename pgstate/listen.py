@@ -29,7 +29,7 @@ from pgstate import _ops
 from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
-from pgstate.models import Position, RecordedEvent
+from pgstate.models import Page, Position, RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Listener:
             raise
         return conn
 
-    def _read_page(self, conn: psycopg.Connection[Any]) -> list[RecordedEvent]:
+    def _read_page(self, conn: psycopg.Connection[Any]) -> Page:
         op = _ops.read_all(self.tenant, self.position, self.page_size, self.types)
         statement = next(op)
         cursor = conn.cursor(binary=True)
@@ -126,8 +126,8 @@ class Listener:
         try:
             op.send(cursor.fetchall())
         except StopIteration as stop:
-            page = stop.value
-            return list(page.events)
+            page: Page = stop.value
+            return page
         raise RuntimeError("read_all yields one statement")
 
     def _wait(self, conn: psycopg.Connection[Any], timeout: float, found: bool) -> None:
@@ -138,6 +138,13 @@ class Listener:
                 pass
         else:
             time.sleep(timeout)
+
+    def _drain_notifications(self, conn: psycopg.Connection[Any]) -> None:
+        # The page just read covers every notification that came before it; left alone
+        # they would pile up for as long as the reader is busy catching up.
+        if self.doorbell is None and self.use_listen:
+            for _ in conn.notifies(timeout=0):
+                pass
 
     def _maybe_report_stall(self, conn: psycopg.Connection[Any]) -> None:
         if self.on_stall is None:
@@ -150,20 +157,25 @@ class Listener:
         if stall is not None:
             self.on_stall(stall)
 
-    def _pages(self, should_stop: Callable[[], bool]) -> Iterator[list[RecordedEvent]]:
+    def _pages(self, should_stop: Callable[[], bool]) -> Iterator[Page]:
         """Non-empty pages after ``position``; the caller moves ``position`` as it consumes
-        them. Waits between pages, reconnects (and so catches up) after connection loss."""
+        them, to ``last_position`` once it has consumed a whole page (with ``types``, the
+        point the read scanned to). Waits between pages, reconnects (and so catches up)
+        after connection loss."""
         while not should_stop():
             try:
                 if self.conn is None:
                     self.conn = self._connect()
                 page = self._read_page(self.conn)
-                if page:
+                if page.events:
+                    self._drain_notifications(self.conn)
                     yield page
-                if len(page) == self.page_size:
+                elif page.last_position is not None:
+                    self.position = page.last_position  # the filter skipped all it scanned
+                if len(page.events) == self.page_size:
                     continue  # more to catch up before waiting
                 self._maybe_report_stall(self.conn)
-                self._wait(self.conn, self.poll_interval, bool(page))
+                self._wait(self.conn, self.poll_interval, bool(page.events))
             except psycopg.OperationalError:
                 self.close()
                 self.reconnects += 1
@@ -174,11 +186,12 @@ class Listener:
         ``should_stop()`` is true: checked after every event, and at least once per poll
         interval while nothing arrives."""
         for page in self._pages(should_stop):
-            for event in page:
+            for event in page.events:
                 self.position = event.position
                 yield event
                 if should_stop():
                     return
+            self.position = page.last_position
 
     def batches(
         self, should_stop: Callable[[], bool] = lambda: False
@@ -186,8 +199,8 @@ class Listener:
         """Like :meth:`events`, a page at a time (``should_stop()`` is checked between
         pages)."""
         for page in self._pages(should_stop):
-            self.position = page[-1].position
-            yield page
+            self.position = page.last_position
+            yield page.events
 
     def close(self) -> None:
         if self.doorbell is not None:
@@ -419,7 +432,9 @@ class Relay:
                         if self.min_gap:
                             time.sleep(self.min_gap)  # rings meanwhile get one look
                         doorbell.pace(moved, self.fallback)
-            except psycopg.OperationalError as problem:
+            except psycopg.Error as problem:
+                # A lost connection, and also a database not migrated yet (a worker started
+                # before `pgstate migrate`): warn once per problem and keep trying.
                 self.waking = None
                 if str(problem) != last_problem:
                     last_problem = str(problem)

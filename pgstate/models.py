@@ -47,6 +47,8 @@ def encode_json_sized(value: Any, what: str) -> tuple[str, int]:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to encode") from None
     # The substring test is the cheap common case; the regex only rules out an escaped
     # backslash followed by the text "u0000".
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
@@ -85,7 +87,7 @@ class NewEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     event_id: uuid.UUID = Field(default_factory=uuid7)
-    schema_version: int = Field(default=1, ge=1)
+    schema_version: int = Field(default=1, ge=1, le=2**31 - 1)
     causation_id: uuid.UUID | None = None
     correlation_id: uuid.UUID | None = None
 
@@ -194,7 +196,10 @@ class AppendResult:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of the global log. Pass ``last_position`` as ``after`` to get the next one."""
+    """A page of the global log. Pass ``last_position`` as ``after`` to get the next one.
+    It is the last event's position, except after a type-filtered read that came back
+    short of its limit: then it is the point the read scanned to, past the events the
+    filter skipped (a cursor, not an event's position)."""
 
     events: list[RecordedEvent]
     last_position: Position | None

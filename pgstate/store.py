@@ -25,7 +25,7 @@ from pgstate._connect import (
     raw_sync,
     sync_engine,
 )
-from pgstate._driver import arun, run
+from pgstate._driver import arun, asavepoint, run, savepoint
 from pgstate._ops import Op, check_identifier
 from pgstate._telemetry import append_span, current_traceparent, transition_span
 from pgstate.config import Settings
@@ -65,7 +65,10 @@ def _transition_options(arguments: dict[str, Any]) -> dict[str, Any]:
 class _StoreBase:
     def __init__(self, settings: Settings | None, tenant: str | None) -> None:
         self.settings = settings or Settings()
-        self.tenant = check_identifier(tenant or self.settings.tenant, "tenant", 100)
+        # Only a missing tenant falls back to the settings: an empty one is an error, not
+        # the default tenant's data.
+        chosen = self.settings.tenant if tenant is None else tenant
+        self.tenant = check_identifier(chosen, "tenant", 100)
 
 
 class Store(_StoreBase):
@@ -96,7 +99,10 @@ class Store(_StoreBase):
             if project and raw.autocommit:
                 with raw.transaction():
                     return self._run_projected(raw, op)
-            return self._run_projected(raw, op) if project else run(raw, op, atomic=atomic)
+            if project:
+                with savepoint(raw):
+                    return self._run_projected(raw, op)
+            return run(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
         try:
             with engine.connect() as own:
@@ -454,7 +460,8 @@ class AsyncStore(_StoreBase):
                 async with raw.transaction():
                     return await self._run_projected(raw, op)
             if project:
-                return await self._run_projected(raw, op)
+                async with asavepoint(raw):
+                    return await self._run_projected(raw, op)
             return await arun(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
         try:

@@ -50,9 +50,16 @@ SELECT * FROM pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint, %(l
                                    NULL)
 
 
+-- A filtered read also returns its statement's horizon (the oldest transaction still
+-- running, below which the read saw every row), in one row with no event when nothing
+-- matched: a page short of the limit lets the cursor move up to the horizon, so the next
+-- read does not scan again the events the filter skipped.
 -- name: read_all_types
-SELECT * FROM pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint, %(limit)s::integer,
-                                   %(types)s::text[])
+SELECT r.*, w.horizon
+  FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) w
+  LEFT JOIN LATERAL pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint,
+                                        %(limit)s::integer, %(types)s::text[]) r ON true
+ ORDER BY r.tx, r.pos
 
 
 -- name: read_category
@@ -61,8 +68,12 @@ SELECT * FROM pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8, %
 
 
 -- name: read_category_types
-SELECT * FROM pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8, %(pos)s::bigint,
-                                        %(limit)s::integer, %(types)s::text[])
+SELECT r.*, w.horizon
+  FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) w
+  LEFT JOIN LATERAL pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8,
+                                             %(pos)s::bigint, %(limit)s::integer,
+                                             %(types)s::text[]) r ON true
+ ORDER BY r.tx, r.pos
 
 
 -- name: stream_state
@@ -101,3 +112,14 @@ SELECT format('DROP DATABASE IF EXISTS %%I WITH (FORCE)', %(name)s::text)
 -- Take several stream locks in the given order (callers sort the ids).
 -- name: lock_streams
 SELECT pgstate.lock_streams_v1(%(tenant)s, %(stream_ids)s::text[])
+
+-- A write with inline projections inside the caller's transaction runs under a savepoint:
+-- if a projection fails, the events it was projecting leave the transaction with it.
+-- name: savepoint_projected
+SAVEPOINT pgstate_projected
+
+-- name: release_projected
+RELEASE SAVEPOINT pgstate_projected
+
+-- name: rollback_to_projected
+ROLLBACK TO SAVEPOINT pgstate_projected

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -196,6 +196,37 @@ def test_polling_only_listener_for_transaction_poolers(fresh_db: str) -> None:
     listener.close()
     store.close()
     check_delivery(acknowledged, delivered)
+
+
+def test_a_filtered_listener_moves_past_what_it_skips_and_misses_nothing(fresh_db: str) -> None:
+    """With types, the listener's position moves past the events the filter skips (the
+    next poll does not scan them again), and a matching event committed later, by a
+    transaction that was open meanwhile, is still delivered once."""
+    store = Store(fresh_db)
+    listener = Listener(fresh_db, types=["Paid"], poll_interval=0.01)
+    store.append("pay-1", [NewEvent(type="Paid")])
+    noise = store.append("view-1", [NewEvent(type="Viewed") for _ in range(40)])
+    delivered: list[RecordedEvent] = []
+    deadline = time.monotonic() + 10
+
+    def moved_past(position: Any) -> Callable[[], bool]:
+        return lambda: (
+            (listener.position is not None and listener.position > position)
+            or time.monotonic() > deadline
+        )
+
+    with psycopg.connect(libpq_dsn(fresh_db)) as other:
+        held = store.append("pay-2", [NewEvent(type="Paid")], conn=other)
+        delivered.extend(listener.events(should_stop=moved_past(noise.last_position)))
+        assert [event.stream_id for event in delivered] == ["pay-1"]
+        assert listener.position is not None
+        assert noise.last_position < listener.position < held.first_position
+        other.commit()
+    late = store.append("pay-3", [NewEvent(type="Paid")])
+    delivered.extend(listener.events(should_stop=moved_past(late.first_position)))
+    assert [event.stream_id for event in delivered] == ["pay-1", "pay-2", "pay-3"]
+    listener.close()
+    store.close()
 
 
 NO_REPLICATION_ROLE = "pgstate_test_no_replication"
@@ -436,3 +467,40 @@ def test_a_relay_told_to_wake_on_the_log_alone_says_why_it_cannot(
     assert relay.refusal and relay.refusal in first.getMessage()
     # The same refusal is reported once, not at every retry.
     assert len({record.getMessage() for record in recorded.records}) == len(recorded.records)
+
+
+def test_a_relay_started_before_the_migration_waits_for_it(
+    pgstate_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker may start before `pgstate migrate` has run: its relay warns and keeps
+    trying, then notifies once the schema is there (it used to die with its thread)."""
+    from sqlalchemy import create_engine
+
+    from pgstate._connect import psycopg_url
+    from pgstate.migrate import upgrade
+    from pgstate.testing import cloned_database
+
+    with cloned_database(pgstate_server, "template0") as url:
+        relay = Relay(url, interval=0.005)
+        stop_relay = threading.Event()
+        with caplog.at_level(logging.WARNING, logger="pgstate.listen"):
+            relay_thread = threading.Thread(target=relay.run, args=(stop_relay.is_set,))
+            relay_thread.start()
+            try:
+                deadline = time.monotonic() + 10
+                while not any("does not exist" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "no warning about the missing schema"
+                    stop_relay.wait(0.01)
+                engine = create_engine(psycopg_url(url))
+                upgrade(engine)
+                engine.dispose()
+                with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
+                    conn.execute("LISTEN pgstate_events")
+                    with Store(url) as store:
+                        result = store.append("late-1", [NewEvent(type="Said")])
+                    payloads = [n.payload for n in conn.notifies(timeout=10.0, stop_after=1)]
+            finally:
+                stop_relay.set()
+                relay_thread.join(timeout=10)
+        assert not relay_thread.is_alive()
+        assert payloads == [str(result.last_position)]

@@ -118,6 +118,7 @@ def test_longest_stream_id_is_accepted(store: Store, conn: Connection) -> None:
         {"type": "Op\x00ened"},
         {"type": "Opened", "stream_id": "order-1"},
         {"data": {"no": "type"}},
+        {"type": "Opened", "schema_version": 2**31},
     ],
     ids=[
         "set",
@@ -131,6 +132,7 @@ def test_longest_stream_id_is_accepted(store: Store, conn: Connection) -> None:
         "nul-in-type",
         "extra-field",
         "missing-type",
+        "schema-version-over-int4",
     ],
 )
 def test_event_mapping_rejected_by_the_model(
@@ -139,6 +141,21 @@ def test_event_mapping_rejected_by_the_model(
     with stores_nothing(conn), pytest.raises(ValidationError):
         store.append("order-1", [{"type": "Fine"}, mapping], conn=conn)  # type: ignore[list-item]
     assert store.stream_state("order-1", conn=conn) is None
+
+
+def test_event_data_nested_too_deeply(store: Store, conn: Connection) -> None:
+    nested: dict[str, Any] = {}
+    for _ in range(5000):
+        nested = {"x": nested}
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        NewEvent(type="Deep", data=nested)
+
+
+def test_an_unvalidated_copy_with_bad_data_is_refused(store: Store, conn: Connection) -> None:
+    """model_copy(update=...) skips pydantic's validation; the append checks the copy."""
+    copy = NewEvent(type="Opened").model_copy(update={"data": {"ratio": float("nan")}})
+    with invalid(conn, "events"):
+        store.append("order-13", [copy], conn=conn)
 
 
 def test_event_mapping_that_is_valid_is_accepted(store: Store, conn: Connection) -> None:
@@ -321,6 +338,9 @@ BAD_AFTER: list[Any] = [
     Position(1, -1),
     Position(2**64, 0),
     Position(0, 2**63),
+    Position("1", 2),  # type: ignore[arg-type]
+    Position(1, 2.0),  # type: ignore[arg-type]
+    Position(True, 2),
     12,
     (1, 2),
 ]
@@ -388,7 +408,9 @@ def test_bad_category(store: Store, conn: Connection, category: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "tenant", ["t" * 101, "a\x00b", 7, "\ud800"], ids=["101-chars", "nul", "int", "surrogate"]
+    "tenant",
+    ["", "t" * 101, "a\x00b", 7, "\ud800"],
+    ids=["empty", "101-chars", "nul", "int", "surrogate"],
 )
 def test_bad_tenant(store: Store, tenant: Any) -> None:
     with pytest.raises(InvalidInput) as caught:

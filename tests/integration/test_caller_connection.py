@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -216,3 +216,45 @@ def test_kept_cursor_after_an_aborted_transaction(store: Store, pgstate_db: str)
         conn.commit()
         assert result.version == 2
         assert [e.type for e in store.read_stream("caller-abort-1", conn=conn)] == ["A", "D"]
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_snapshot_older_than_the_stream_is_a_retryable_serialization_failure(
+    store: Store, pgstate_db: str, isolation: str
+) -> None:
+    """A caller's REPEATABLE READ or SERIALIZABLE transaction that took its snapshot before
+    another writer committed to the stream cannot write that stream: the refusal is a
+    SerializationFailure (retry the whole transaction), not a VersionConflict, which an
+    append at ExpectedVersion.ANY could never get. The retry then succeeds."""
+    from pgstate import SerializationFailure
+
+    stream = f"snapshot-{isolation.split()[0].lower()}"
+    lamp = f"{stream}-lamp"
+    store.register(Lamp)
+    store.append(stream, [NewEvent(type="Opened")])
+    store.create(lamp, Lamp)
+
+    def snapshot_then(moved_meanwhile: Callable[[], object]) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(libpq_dsn(pgstate_db))
+        conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        conn.execute("SELECT 1")  # takes the snapshot
+        moved_meanwhile()
+        return conn
+
+    with snapshot_then(lambda: store.append(stream, [NewEvent(type="Moved")])) as conn:
+        with pytest.raises(SerializationFailure) as caught:
+            store.append(stream, [NewEvent(type="Late")], conn=conn)
+        assert caught.value.retryable is True
+
+    def on_and_off() -> None:  # back to the state the snapshot sees, two versions on
+        store.transition(lamp, "switch_on")
+        store.transition(lamp, "switch_off")
+
+    with snapshot_then(on_and_off) as conn, pytest.raises(SerializationFailure):
+        store.transition(lamp, "switch_on", conn=conn)
+    with snapshot_then(lambda: None) as conn:  # the retries, on fresh snapshots
+        result = store.append(stream, [NewEvent(type="Late")], conn=conn)
+        moved = store.transition(lamp, "switch_on", conn=conn)
+        conn.commit()
+    assert (result.version, moved.version) == (3, 4)
+    assert [event.type for event in store.read_stream(stream)] == ["Opened", "Moved", "Late"]

@@ -250,6 +250,43 @@ def test_read_all_types_filter(fresh_store: Store) -> None:
     assert [e.event_id for e in pages] == [e.event_id for e in paid]
 
 
+def test_a_filtered_cursor_moves_past_what_the_filter_skipped(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    """A short filtered page moves its cursor up to the statement's horizon, so the next
+    read does not scan the skipped events again; an open transaction's matching event,
+    at or above the horizon, still comes once it commits."""
+    first = fresh_store.append("log-1", events_of("Paid", 1))
+    noise = fresh_store.append("log-2", events_of("Viewed", 50))
+    fresh_store.wait_for(noise.last_position, timeout=60)
+    with psycopg.connect(fresh_db) as other:  # not autocommit: the transaction stays open
+        held = fresh_store.append("log-3", events_of("Paid", 1), conn=other)
+        fresh_store.append("log-2", events_of("Viewed", 5))
+        page = fresh_store.read_all(types=["Paid"], limit=10)
+        assert [e.stream_id for e in page] == ["log-1"]
+        assert page.last_position is not None
+        assert noise.last_position < page.last_position < held.first_position
+        for category_page in (
+            fresh_store.read_category("log", types=["Paid"], after=first.last_position),
+            fresh_store.read_all(types=["Paid"], after=first.last_position),
+        ):
+            assert category_page.events == []
+            assert category_page.last_position is not None
+            assert noise.last_position < category_page.last_position < held.first_position
+        other.commit()
+    fresh_store.wait_for(held.last_position, timeout=60)
+    after_commit = fresh_store.read_all(types=["Paid"], after=page.last_position)
+    assert [(e.stream_id, e.event_id) for e in after_commit] == [
+        ("log-3", fresh_store.read_stream("log-3")[0].event_id)
+    ]
+    # A full page keeps the last event's position: more may match below the horizon.
+    full = fresh_store.read_all(types=["Viewed"], limit=3)
+    assert full.last_position == full.events[-1].position
+    # A cursor the caller gave beyond the horizon never moves back.
+    far = Position(2**62, 5)
+    assert fresh_store.read_all(types=["Paid"], after=far).last_position == far
+
+
 def test_read_all_is_per_tenant(fresh_store: Store) -> None:
     other = Store(fresh_store.engine, tenant="acme")
     mine = fresh_store.append("cart-1", events_of("Added", 2))
@@ -332,7 +369,10 @@ def test_open_transaction_hides_itself_and_everything_after(
         assert [e.stream_id for e in page] == ["w-1"]
         assert fresh_store.read_all(after=before.last_position).events == []
         assert [e.stream_id for e in fresh_store.read_category("w")] == ["w-1"]
-        assert fresh_store.read_all(types=["Added"]).last_position == before.last_position
+        # A filtered read's cursor moves past what it scanned, never into the open one.
+        filtered = fresh_store.read_all(types=["Added"])
+        assert filtered.last_position is not None
+        assert before.last_position <= filtered.last_position < Position(held.first_position.tx, 0)
         # The committed later event exists, it is just not tailable yet.
         assert len(fresh_store.read_stream("w-3")) == 1
         assert fresh_store.read_stream("w-2") == []
