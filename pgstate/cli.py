@@ -71,6 +71,37 @@ def _resolve(target: str, example: str) -> object:
         _bad_argument(f"module {module_name!r} has no {attribute!r} (from {target!r})")
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 s: {text!r}")
+    return value
+
+
+def _not_negative_seconds(text: str) -> float:
+    """An argparse type: 0 or a positive, finite number of seconds."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # _seconds says why
+    return _seconds(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def _bad_argument(message: str) -> NoReturn:
     print(f"pgstate: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -291,22 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("stream")
     inspect.add_argument("--tenant", default=None)
     timeouts = with_dsn(commands.add_parser("timeouts", help="fire due deadline edges"))
-    timeouts.add_argument("--batch", type=int, default=100)
-    timeouts.add_argument("--interval", type=float, default=1.0)
+    timeouts.add_argument("--batch", type=_positive_int, default=100)
+    timeouts.add_argument("--interval", type=_seconds, default=1.0)
     timeouts.add_argument("--once", action="store_true")
     worker = with_dsn(commands.add_parser("worker", help="run projections, sweeper, relay"))
     worker.add_argument("projections", nargs="*", help="MODULE:NAME of Projection objects")
     worker.add_argument("--member", type=int, default=0)
     worker.add_argument("--members", type=int, default=1)
     worker.add_argument("--relay", action="store_true", help="run the NOTIFY relay")
-    worker.add_argument("--relay-interval", type=float, default=0.002)
+    worker.add_argument("--relay-interval", type=_seconds, default=0.002)
     worker.add_argument("--relay-wake", choices=WAKE_CHOICES, default="poll", help=WAKE_HELP)
     worker.add_argument("--no-timeouts", action="store_true", help="do not fire deadlines")
     relay = with_dsn(commands.add_parser("relay", help="run only the NOTIFY relay"))
-    relay.add_argument("--interval", type=float, default=0.002, help="seconds between checks")
+    relay.add_argument("--interval", type=_seconds, default=0.002, help="seconds between checks")
     relay.add_argument("--wake", choices=WAKE_CHOICES, default="poll", help=WAKE_HELP)
     relay.add_argument(
-        "--min-gap", type=float, default=0.0002, help="wal: seconds between two checks at least"
+        "--min-gap",
+        type=_not_negative_seconds,
+        default=0.0002,
+        help="wal: seconds between two checks at least",
     )
     rebuild_cmd = with_dsn(commands.add_parser("rebuild", help="rebuild a projection's table"))
     rebuild_cmd.add_argument("projection", help="MODULE:NAME")

@@ -29,7 +29,14 @@ from pgstate import _ops
 from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
-from pgstate.errors import ConnectionLost, LeaseHeld, LeaseLost, TransientError, translate
+from pgstate.errors import (
+    ConnectionLost,
+    InvalidInput,
+    LeaseHeld,
+    LeaseLost,
+    TransientError,
+    translate,
+)
 from pgstate.models import START, AppendResult, Instance, Position, RecordedEvent, TransitionResult
 
 log = logging.getLogger(__name__)
@@ -107,6 +114,26 @@ class _StillFailing(Exception):
     """A parked event's projection failed again: roll its retry back."""
 
 
+class SwallowedDatabaseError(Exception):
+    """The projection caught an error of its own statement and returned: its transaction
+    is aborted, so the event counts as failed and its savepoint is rolled back."""
+
+
+def _check_worker_settings(page_size: object, max_attempts: object, poll_interval: object) -> None:
+    _ops.check_limit(page_size, "page_size")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidInput("max_attempts must be an int >= 1", detail={"field": "max_attempts"})
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, int | float)
+        or not 0 < poll_interval <= 3600
+    ):
+        raise InvalidInput(
+            "poll_interval must be a number of seconds in (0, 3600]",
+            detail={"field": "poll_interval"},
+        )
+
+
 class ProjectionWorker:
     """Runs one projection (or one member of its consumer group). Only one worker per
     member is active at a time: the others wait and take over when its lease runs out."""
@@ -127,6 +154,7 @@ class ProjectionWorker:
     ) -> None:
         if not projection.name:
             raise ValueError("a projection needs a name")
+        _check_worker_settings(page_size, max_attempts, poll_interval)
         self.dsn = libpq_dsn(dsn)
         self.projection = projection
         self.member = member
@@ -269,6 +297,12 @@ class ProjectionWorker:
                 try:
                     async with conn.transaction():  # a savepoint per event
                         await self.projection.apply(conn, event, self.table)
+                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                            # Raised inside the block, so the savepoint is rolled back
+                            # and the page's transaction goes on.
+                            raise SwallowedDatabaseError(
+                                "the projection caught a database error and returned"
+                            )
                 except Exception as exc:
                     attempts = self.failures.get(event.position, 0) + 1
                     self.failures[event.position] = attempts
@@ -301,6 +335,13 @@ class ProjectionWorker:
         else:
             await asyncio.sleep(self.poll_interval)
 
+    async def drain_notifications(self) -> None:
+        """Drop the notifications that arrived while a page was applied: the pages read
+        since cover them, and left alone they pile up for as long as the worker is busy."""
+        if self.use_listen and self.conn is not None and not self.conn.closed:
+            async for _ in self.conn.notifies(timeout=0):
+                pass
+
     async def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Claim, then catch up and follow the log until ``should_stop()``; reconnects and
         catches up after connection loss, and re-claims after losing the lease."""
@@ -308,6 +349,8 @@ class ProjectionWorker:
         while not should_stop():
             try:
                 moved = await self.run_once()
+                if moved:
+                    await self.drain_notifications()
                 if moved == 0:
                     if time.monotonic() - self._fenced_at > renew_after:
                         await self.renew()
@@ -437,6 +480,15 @@ async def rebuild(
     conn = await psycopg.AsyncConnection.connect(libpq_dsn(dsn), autocommit=True)
     _prepare_adapters(conn.adapters)
     try:
+        locked = await (
+            await conn.execute(query("try_rebuild_lock"), {"projection": projection.name})
+        ).fetchone()
+        if locked is None or not locked[0]:
+            raise LeaseHeld(
+                f"another rebuild of projection {projection.name} is running",
+                sqlstate=LeaseHeld.code,
+                detail={"projection": projection.name},
+            )
         await conn.execute(sql.SQL(query("drop_table")).format(table=sql.Identifier(shadow)))
         await projection.setup(conn, shadow)
         estimate_row = await (await conn.execute(query("estimated_events"))).fetchone()
@@ -503,6 +555,15 @@ async def rebuild(
                     table=sql.Identifier(shadow), new_name=sql.Identifier(projection.table)
                 )
             )
+            # The rebuilt table holds every event up to the new checkpoint: one parked
+            # before it is in there now, and a retry would apply it twice.
+            parked = await conn.execute(query("parked_events"), {"projection": projection.name})
+            for tx, pos, *_ in await parked.fetchall():
+                if Position(int(tx), pos) <= position:
+                    await conn.execute(
+                        query("unpark_event"),
+                        {"projection": projection.name, "tx": str(tx), "pos": pos},
+                    )
             for member, epoch in enumerate(epochs):
                 await conn.execute(
                     query("save_checkpoint"),

@@ -119,3 +119,8 @@ SELECT head.tx, head.pos,
 -- name: fence_projection
 SELECT pgstate.fence_projection_v1(%(projection)s, %(member)s, %(epoch)s::bigint,
                                    %(tx)s::xid8, %(pos)s::bigint, %(ttl_ms)s::bigint)
+
+-- One rebuild of a projection at a time: a session lock held for the whole rebuild (it
+-- writes one shadow table), released when its connection closes.
+-- name: try_rebuild_lock
+SELECT pg_try_advisory_lock(hashtextextended('pgstate-rebuild/' || %(projection)s, 0))

@@ -76,6 +76,24 @@ def test_a_bad_module_name_argument_is_one_line_not_a_traceback(
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("relay", "--interval", "-1"),
+        ("relay", "--interval", "0"),
+        ("relay", "--min-gap", "-0.1"),
+        ("timeouts", "--interval", "nan"),
+        ("timeouts", "--interval", "soon"),
+        ("timeouts", "--batch", "0"),
+        ("worker", "--relay-interval", "inf"),
+    ],
+)
+def test_bad_intervals_and_batches_are_refused_before_anything_runs(args: tuple[str, ...]) -> None:
+    result = run(*args, "--dsn", "postgresql:///unused")
+    assert result.returncode == 2
+    assert f"argument {args[1]}" in result.stderr
+
+
 def test_worker_and_rebuild_commands(fresh_db: str) -> None:
     import asyncio
     import os

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from pgstate import LeaseLost, NewEvent, Store
+from pgstate import LeaseHeld, LeaseLost, NewEvent, Store
 from pgstate._connect import libpq_dsn
 from pgstate.fold import Fold
 from pgstate.models import Position, RecordedEvent
@@ -86,6 +86,48 @@ def test_failing_inline_projection_stores_nothing(fresh_db: str) -> None:
     with pytest.raises(RuntimeError):
         store.append("cart-3", [added(1)])
     assert store.stream_state("cart-3") is None
+    store.close()
+
+
+def test_a_failing_inline_projection_in_the_callers_transaction_takes_its_events_along(
+    fresh_db: str,
+) -> None:
+    """Inside the caller's transaction the write runs under a savepoint: the caller who
+    catches the projection's error and commits commits nothing of the failed write, and
+    keeps what it wrote before. Both with SQLAlchemy (whose transaction has sent nothing
+    yet when the append comes first) and with psycopg."""
+    store = Store(fresh_db, inline_projections=[Failing()])
+    with store.engine.connect() as conn:
+        with pytest.raises(RuntimeError):
+            store.append("cart-4", [added(1)], conn=conn)
+        conn.commit()
+    with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+        conn.execute("CREATE TABLE kept (n int)")
+        with pytest.raises(RuntimeError):
+            store.append("cart-4", [added(2)], conn=conn)
+        conn.execute("INSERT INTO kept VALUES (1)")
+        conn.commit()
+    assert store.stream_state("cart-4") is None
+    with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (1,)
+    store.close()
+
+
+def test_a_projected_write_in_the_callers_transaction_rolls_back_with_it(fresh_db: str) -> None:
+    """The savepoint joins the caller's transaction, never commits on its own."""
+    store = Store(fresh_db, inline_projections=[Totals()])
+    create_totals(store)
+    with store.engine.connect() as conn:
+        store.append("cart-6", [added(3)], conn=conn)
+        store.append("cart-6", [added(4)], conn=conn)
+        conn.rollback()
+    with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+        store.append("cart-6", [added(5)], conn=conn)
+        conn.rollback()
+    assert store.stream_state("cart-6") is None and total(store, "cart-6") is None
+    with store.engine.begin() as conn:
+        store.append("cart-6", [added(6)], conn=conn)
+    assert total(store, "cart-6") == 6
     store.close()
 
 
@@ -544,6 +586,11 @@ class AsyncTotals(AsyncInlineProjection):
         )
 
 
+class AsyncFailing(AsyncInlineProjection):
+    async def apply(self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent) -> None:
+        raise RuntimeError("read model unavailable")
+
+
 def test_async_store_inline_projection_wait_for_and_snapshots(fresh_db: str) -> None:
     from pgstate import AsyncStore
 
@@ -561,7 +608,171 @@ def test_async_store_inline_projection_wait_for_and_snapshots(fresh_db: str) -> 
             async with astore.engine.connect() as conn:
                 await astore.append("cart-9", [added(100)], conn=conn)
                 await conn.rollback()
+        async with AsyncStore(fresh_db, inline_projections=[AsyncFailing()]) as failing:
+            async with failing.engine.connect() as conn:
+                with pytest.raises(RuntimeError):
+                    await failing.append("cart-10", [added(1)], conn=conn)
+                await conn.commit()
+            assert await failing.stream_state("cart-10") is None
 
     asyncio.run(scenario())
     with Store(fresh_db) as sync_store:
         assert total(sync_store, "cart-9") == 9
+
+
+class Slow(Counting):
+    """Counting that takes ``pause`` seconds per event, as a handler calling out would."""
+
+    def __init__(self, pause: float, *, started: asyncio.Event | None = None) -> None:
+        super().__init__()
+        self.pause = pause
+        self.started = started
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+    ) -> None:
+        if self.started is not None:
+            self.started.set()
+        await asyncio.sleep(self.pause)
+        await super().apply(conn, event, table)
+
+
+def test_a_page_that_outlasts_the_lease_still_commits(fresh_store: Store, fresh_db: str) -> None:
+    """The fence holds the checkpoint row for the whole page, so nobody can take the
+    projection over meanwhile: a page longer than the lease commits instead of being
+    rolled back (and re-run) forever."""
+    fresh_store.append("acct-slow", [added(n) for n in range(8)])
+    worker = ProjectionWorker(
+        fresh_db, Slow(0.15), lease_ttl=timedelta(milliseconds=500), page_size=8
+    )
+
+    async def scenario() -> int:
+        moved = await worker.run_once()
+        await worker.close()
+        return moved
+
+    assert asyncio.run(scenario()) == 8
+    assert counts(fresh_db) == {"acct-slow": (8, 8)}
+
+
+class SwallowsItsError(Counting):
+    """Catches the error of its own statement for one event and returns, as code that
+    ignores a unique violation would."""
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+    ) -> None:
+        if event.data.get("n") == 2:
+            try:
+                await conn.execute("SELECT 1 / 0")
+            except psycopg.Error:
+                return
+        await super().apply(conn, event, table)
+
+
+def test_a_projection_that_swallows_its_database_error_is_parked_not_fatal(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    fresh_store.append("acct-s", [added(n) for n in range(5)])
+    worker = ProjectionWorker(fresh_db, SwallowsItsError(), max_attempts=2)
+
+    async def scenario() -> list[tuple[Any, ...]]:
+        await drain(worker)
+        parked = await worker.parked_events()
+        await worker.close()
+        return parked
+
+    parked = asyncio.run(scenario())
+    assert [(row[3], row[4]) for row in parked] == [
+        (3, "SwallowedDatabaseError: the projection caught a database error and returned")
+    ]
+    assert counts(fresh_db) == {"acct-s": (4, 5)}
+
+
+def test_two_rebuilds_at_once_one_is_refused(fresh_store: Store, fresh_db: str) -> None:
+    fresh_store.append("acct-r", [added(n) for n in range(20)])
+
+    async def scenario() -> list[Position | BaseException]:
+        started = asyncio.Event()
+        first = asyncio.create_task(rebuild(fresh_db, Slow(0.01, started=started)))
+        await started.wait()  # the first holds the rebuild lock: it is copying
+        second = await asyncio.gather(rebuild(fresh_db, Counting()), return_exceptions=True)
+        return [await first, *second]
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, Position)
+    assert isinstance(second, LeaseHeld) and "another rebuild" in str(second)
+    assert counts(fresh_db) == {"acct-r": (20, 20)}
+
+
+def test_a_rebuild_takes_the_events_it_covers_off_the_parked_list(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    fresh_store.append("acct-p", [added(n) for n in range(4)])
+    projection = Counting(poison={1})
+    worker = ProjectionWorker(fresh_db, projection, max_attempts=1)
+
+    async def scenario() -> None:
+        await drain(worker)
+        assert len(await worker.parked_events()) == 1
+        await worker.release()
+        projection.poison.clear()  # the handler is fixed, then the table rebuilt
+        await rebuild(fresh_db, projection)
+        assert await worker.parked_events() == []
+        assert await worker.retry_parked() == 0
+        await worker.close()
+
+    asyncio.run(scenario())
+    assert counts(fresh_db) == {"acct-p": (4, 4)}
+
+
+def test_notifications_are_not_kept_while_the_worker_is_busy(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    """In commit mode every write notifies; the ones that arrive while a page is applied
+    are dropped after it (the page covers them), not queued for as long as it is busy."""
+    from pgstate.listen import set_notify_mode
+
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        set_notify_mode(conn, "commit")
+    worker = ProjectionWorker(fresh_db, Counting(), page_size=5)
+
+    async def scenario() -> tuple[int, int]:
+        assert await worker.claim()
+        for n in range(30):
+            fresh_store.append(f"acct-n{n % 3}", [added(n)])
+        assert await worker.run_once() == 5
+        conn = await worker._connection()
+        await conn.execute("SELECT 1")  # reads what the server sent meanwhile
+        backlog = conn._notifies_backlog  # psycopg's queue for notifies() (internal)
+        queued = len(backlog) if backlog is not None else 0
+        await worker.drain_notifications()
+        left = len(backlog) if backlog is not None else 0
+        await worker.close()
+        return queued, left
+
+    queued, left = asyncio.run(scenario())
+    assert queued == 30 and left == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("page_size", 0),
+        ("page_size", -1),
+        ("page_size", 100_001),
+        ("page_size", True),
+        ("max_attempts", 0),
+        ("max_attempts", 1.5),
+        ("poll_interval", 0),
+        ("poll_interval", -1),
+        ("poll_interval", float("nan")),
+        ("poll_interval", "1"),
+    ],
+)
+def test_bad_worker_settings_are_invalid_input(fresh_db: str, setting: str, value: Any) -> None:
+    from pgstate import InvalidInput
+
+    with pytest.raises(InvalidInput) as caught:
+        ProjectionWorker(fresh_db, Counting(), **{setting: value})
+    assert caught.value.detail["field"] == setting
