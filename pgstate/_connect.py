@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.orm import Session
 
 from pgstate.config import Settings
+from pgstate.errors import InvalidInput
 
 SyncConn = Connection | Session | psycopg.Connection[Any]
 AsyncConn = AsyncConnection | AsyncSession | psycopg.AsyncConnection[Any]
@@ -23,7 +24,10 @@ def psycopg_url(url: str | URL) -> URL:
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername != "postgresql+psycopg":
-        raise ValueError(f"pgstate needs PostgreSQL through psycopg 3, got {parsed.drivername!r}")
+        raise InvalidInput(
+            f"pgstate needs PostgreSQL through psycopg 3, got {parsed.drivername!r}",
+            detail={"field": "dsn"},
+        )
     return parsed
 
 
@@ -36,13 +40,18 @@ def libpq_dsn(url: str | URL) -> str:
 def resolve_dsn(given: str | None, settings: Settings) -> str:
     dsn = given or settings.dsn
     if not dsn:
-        raise ValueError("no database given: pass a URL or an Engine, or set PGSTATE_DSN")
+        raise InvalidInput(
+            "no database given: pass a URL or an Engine, or set PGSTATE_DSN",
+            detail={"field": "dsn"},
+        )
     return dsn
 
 
 def sync_engine(source: Engine | str | URL | None, settings: Settings) -> Engine:
     if isinstance(source, Engine):
         return source
+    if isinstance(source, AsyncEngine):
+        raise TypeError("an AsyncEngine goes with AsyncStore; Store takes an Engine or a URL")
     url = psycopg_url(source if source is not None else resolve_dsn(None, settings))
     return create_engine(url, pool_pre_ping=True)
 
@@ -50,6 +59,8 @@ def sync_engine(source: Engine | str | URL | None, settings: Settings) -> Engine
 def async_engine(source: AsyncEngine | str | URL | None, settings: Settings) -> AsyncEngine:
     if isinstance(source, AsyncEngine):
         return source
+    if isinstance(source, Engine):
+        raise TypeError("an Engine goes with Store; AsyncStore takes an AsyncEngine or a URL")
     url = psycopg_url(source if source is not None else resolve_dsn(None, settings))
     return create_async_engine(url, pool_pre_ping=True)
 

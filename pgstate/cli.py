@@ -15,10 +15,13 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
+import psycopg
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate.config import Settings
-from pgstate.errors import ConnectionLost, TransientError
+from pgstate.errors import ConnectionLost, InvalidInput, PgStateError, TransientError
 from pgstate.listen import Relay
 from pgstate.machine import Machine
 from pgstate.projection import Projection, ProjectionWorker, rebuild
@@ -218,6 +221,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Projections, the deadline sweeper and (in relay mode) the notification relay."""
+    if not 0 <= args.member < args.members:
+        _bad_argument(f"--member must be from 0 to {args.members - 1}, got {args.member}")
     dsn = _dsn(args)
     stop = _stop_on_sigterm()
     if args.relay:
@@ -328,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = with_dsn(commands.add_parser("worker", help="run projections, sweeper, relay"))
     worker.add_argument("projections", nargs="*", help="MODULE:NAME of Projection objects")
     worker.add_argument("--member", type=int, default=0)
-    worker.add_argument("--members", type=int, default=1)
+    worker.add_argument("--members", type=_positive_int, default=1)
     worker.add_argument("--relay", action="store_true", help="run the NOTIFY relay")
     worker.add_argument("--relay-interval", type=_seconds, default=0.002)
     worker.add_argument("--relay-wake", choices=WAKE_CHOICES, default="poll", help=WAKE_HELP)
@@ -367,12 +372,31 @@ HANDLERS = {
 }
 
 
+# Exit statuses besides 0: 1 is the command's own "no" (check: not current; inspect: no
+# such stream), 2 a bad argument, 3 a database that cannot be reached or refused the work.
+EXIT_BAD_ARGUMENT = 2
+EXIT_DATABASE = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The long-running commands report trouble they keep retrying (a refused log stream, a
     # lost connection) as warnings of the pgstate loggers.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    return HANDLERS[args.command](args)
+    try:
+        return HANDLERS[args.command](args)
+    except (InvalidInput, ArgumentError) as problem:
+        # A missing or malformed DSN, or input the server refused as invalid; not any
+        # ValueError, which may be a bug in the user's projection (its traceback matters).
+        return _one_line(problem, EXIT_BAD_ARGUMENT)
+    except (PgStateError, psycopg.Error, DBAPIError) as problem:
+        return _one_line(problem, EXIT_DATABASE)
+
+
+def _one_line(problem: BaseException, status: int) -> int:
+    first = str(getattr(problem, "orig", None) or problem).strip().splitlines()
+    print(f"pgstate: {first[0] if first else type(problem).__name__}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

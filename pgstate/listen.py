@@ -140,7 +140,7 @@ class Listener:
             time.sleep(timeout)
 
     def _drain_notifications(self, conn: psycopg.Connection[Any]) -> None:
-        # The page just read covers every notification that came before it; left alone
+        # The page about to be read covers every notification already here; left alone
         # they would pile up for as long as the reader is busy catching up.
         if self.doorbell is None and self.use_listen:
             for _ in conn.notifies(timeout=0):
@@ -166,9 +166,11 @@ class Listener:
             try:
                 if self.conn is None:
                     self.conn = self._connect()
+                # Before the read, never after: a notification that comes between the read
+                # and a drain would be dropped although its event is not on the page.
+                self._drain_notifications(self.conn)
                 page = self._read_page(self.conn)
                 if page.events:
-                    self._drain_notifications(self.conn)
                     yield page
                 elif page.last_position is not None:
                     self.position = page.last_position  # the filter skipped all it scanned

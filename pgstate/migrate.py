@@ -4,15 +4,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import await_only
 
 from alembic import command
@@ -44,9 +48,32 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+# Alembic's `context` and `op` are module-wide proxies, shared by every run in the process:
+# two runs at once (threads, or tasks of one event loop) would each use the other's. The
+# advisory lock in the environment serializes processes; this serializes one process.
+_ONE_RUN_AT_A_TIME = threading.Lock()
+
+
 def upgrade_on_connection(connection: Connection, target: str = "heads") -> None:
     """Upgrade inside the given connection's transaction (the caller commits)."""
+    with _ONE_RUN_AT_A_TIME:
+        _upgrade(connection, target)
+
+
+def _upgrade(connection: Connection, target: str) -> None:
     command.upgrade(alembic_config(connection), target)
+
+
+async def upgrade_async(connection: AsyncConnection, target: str = "heads") -> None:
+    """:func:`upgrade_on_connection` on an async connection (the caller commits)."""
+    # Polled, not awaited in a thread: a task cancelled while it waits must not leave a
+    # thread behind that takes the lock later and never gives it back.
+    while not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
+        await asyncio.sleep(0.01)
+    try:
+        await connection.run_sync(_upgrade, target)
+    finally:
+        _ONE_RUN_AT_A_TIME.release()
 
 
 def upgrade(engine: Engine, target: str = "heads") -> None:
@@ -126,6 +153,9 @@ def apply_migration(name: str) -> None:
 
 def run_environment(context: EnvironmentContext) -> None:
     """The body of alembic/env.py."""
+    if context.is_offline_mode():
+        _write_migrations(context)
+        return
     connection: Connection | None = context.config.attributes.get("connection")
     if connection is None:
         url = context.config.get_main_option("sqlalchemy.url") or resolve_dsn(None, Settings())
@@ -136,6 +166,24 @@ def run_environment(context: EnvironmentContext) -> None:
         engine.dispose()
     else:
         _run_migrations(context, connection)
+
+
+def _write_migrations(context: EnvironmentContext) -> None:
+    """Offline (``alembic upgrade --sql``): the script, with no database to connect to.
+    The schema comes first, since Alembic's version table lives in it."""
+    context.configure(
+        dialect_name="postgresql",
+        # Named parameters: with the driver's own (pyformat) every % of the SQL files
+        # would be written doubled.
+        dialect_opts={"paramstyle": "named"},
+        version_table=VERSION_TABLE,
+        version_table_schema=VERSION_SCHEMA,
+        transactional_ddl=True,
+    )
+    with context.begin_transaction():
+        context.execute(query("migration_lock"))
+        context.execute(query("create_schema"))
+        context.run_migrations()
 
 
 def _run_migrations(context: EnvironmentContext, connection: Connection) -> None:
@@ -162,7 +210,13 @@ def register_machine(connection: Connection, machine: type[Machine]) -> MachineR
     """
     from pgstate import _machine_ops
     from pgstate._connect import raw_sync
-    from pgstate._driver import run
+    from pgstate._driver import arun, run
 
-    registration: MachineRegistration = run(raw_sync(connection), _machine_ops.register(machine))
+    driver: Any = connection.connection.driver_connection
+    if isinstance(driver, psycopg.AsyncConnection):
+        # An async Alembic environment runs this inside run_sync: wait for the async call
+        # in the greenlet SQLAlchemy runs us in, as execute_script does.
+        registration: MachineRegistration = await_only(arun(driver, _machine_ops.register(machine)))
+        return registration
+    registration = run(raw_sync(connection), _machine_ops.register(machine))
     return registration

@@ -10,7 +10,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -79,7 +79,12 @@ def uuid7() -> uuid.UUID:
 
 
 class NewEvent(BaseModel):
-    """An event to append. ``event_id`` makes retries idempotent: send the same ids again."""
+    """An event to append. ``event_id`` makes retries idempotent: send the same ids again.
+
+    ``data`` and ``metadata`` are encoded as JSON once, here: what is stored is what they
+    held at construction (changing the dicts afterwards changes nothing stored), and JSON
+    has only string keys and arrays, so int keys come back as strings and tuples as lists.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -204,7 +209,7 @@ class Page:
     events: list[RecordedEvent]
     last_position: Position | None
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[RecordedEvent]:
         return iter(self.events)
 
     def __len__(self) -> int:

@@ -119,6 +119,17 @@ class SwallowedDatabaseError(Exception):
     is aborted, so the event counts as failed and its savepoint is rolled back."""
 
 
+async def _apply_checked(
+    projection: Projection, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+) -> None:
+    """``projection.apply``, then a check that it did not leave the transaction aborted:
+    a caught error of its own statement would otherwise roll back, at the commit, the rows
+    of every event of the page, with no error anywhere."""
+    await projection.apply(conn, event, table)
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        raise SwallowedDatabaseError("the projection caught a database error and returned")
+
+
 def _check_worker_settings(page_size: object, max_attempts: object, poll_interval: object) -> None:
     _ops.check_limit(page_size, "page_size")
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
@@ -296,13 +307,9 @@ class ProjectionWorker:
             if types is None or event.type in types:
                 try:
                     async with conn.transaction():  # a savepoint per event
-                        await self.projection.apply(conn, event, self.table)
-                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                            # Raised inside the block, so the savepoint is rolled back
-                            # and the page's transaction goes on.
-                            raise SwallowedDatabaseError(
-                                "the projection caught a database error and returned"
-                            )
+                        # Raises inside the block: the savepoint rolls back and the
+                        # page's transaction goes on.
+                        await _apply_checked(self.projection, conn, event, self.table)
                 except Exception as exc:
                     attempts = self.failures.get(event.position, 0) + 1
                     self.failures[event.position] = attempts
@@ -393,7 +400,7 @@ class ProjectionWorker:
                     if row is None or not row[0]:
                         continue  # another retry took it first
                     try:
-                        await self.projection.apply(conn, event, self.table)
+                        await _apply_checked(self.projection, conn, event, self.table)
                     except Exception as failure:
                         raise _StillFailing from failure
             except _StillFailing as still:
@@ -515,7 +522,7 @@ async def rebuild(
                 async with conn.transaction():
                     for event in events:
                         if projection.types is None or event.type in projection.types:
-                            await projection.apply(conn, event, shadow)
+                            await _apply_checked(projection, conn, event, shadow)
                 position = events[-1].position
                 seen += len(events)
                 if progress is not None:

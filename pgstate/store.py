@@ -513,7 +513,7 @@ class AsyncStore(_StoreBase):
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.run_sync(migrate.upgrade_on_connection)
+            await migrate.upgrade_async(conn)
 
     async def append(
         self,

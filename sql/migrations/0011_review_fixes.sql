@@ -16,6 +16,12 @@
 -- lease_head: leases only on state-machine instances (SM001 on a plain stream).
 -- migrate_instances_v1: refuses a migration from a version to itself, and a state map key
 -- that names no state of the old version.
+-- register_machine_v1 also refuses a def_hash stored with another definition (the hash is
+-- the client's word: whoever registered first would otherwise decide what later
+-- registrations' instances follow) and a final state with a timeout; the sweeper skips
+-- final states (such a timeout could never fire, and every sweep tried it again).
+-- set_notify_mode_v1: no table lock when the mode is unchanged.
+-- save_snapshot_v1: only at a version the stream has reached.
 -- save_checkpoint_v1, park_event_v1: fenced by the epoch alone. A page that outlasted the
 -- lease was refused at its commit although its fence had held the checkpoint row all
 -- along (nobody could have claimed it), so a slow page was rolled back forever.
@@ -73,6 +79,8 @@ CREATE OR REPLACE FUNCTION pgstate.register_machine_v1(p_name text, p_def_hash t
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_stored jsonb;
 BEGIN
     IF p_name IS NULL OR p_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,99}$' THEN
         PERFORM pgstate.raise_error('SM012', 'machine name must be 1 to 100 letters, digits, _ . -',
@@ -91,10 +99,19 @@ BEGIN
     END IF;
 
     PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
-    SELECT m.version INTO o_version
+    SELECT m.version, m.definition INTO o_version, v_stored
       FROM pgstate.machines m WHERE m.name = p_name AND m.def_hash = p_def_hash
      ORDER BY m.version DESC LIMIT 1;
     IF FOUND THEN
+        -- The hash is the client's word: a definition stored under it must be this one, or
+        -- whoever registered first (anyone can compute a class's hash) would decide what
+        -- the instances of every later registration follow.
+        IF v_stored <> p_definition THEN
+            PERFORM pgstate.raise_error('SM006',
+                format('machine %s version %s has this def_hash and another definition',
+                       p_name, o_version),
+                jsonb_build_object('machine', p_name, 'version', o_version));
+        END IF;
         o_created := false;
         RETURN;
     END IF;
@@ -105,6 +122,14 @@ BEGIN
                 WHERE jsonb_typeof(s.value -> 'timeout_ms') = 'number'
                   AND (s.value -> 'timeout_ms')::numeric NOT BETWEEN 1 AND 3153600000000) THEN
         PERFORM pgstate.raise_error('SM012', 'a timeout must be 1 ms to 36500 days',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- A final state never moves again: a timeout there could never fire, and every sweep
+    -- would try it again.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE s.value -> 'final' = 'true'::jsonb
+                  AND jsonb_typeof(s.value -> 'timeout_ms') = 'number') THEN
+        PERFORM pgstate.raise_error('SM012', 'a final state cannot have a timeout',
             jsonb_build_object('field', 'definition'));
     END IF;
     -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
@@ -333,6 +358,7 @@ BEGIN
           JOIN pgstate.machine_states st
             ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
          WHERE s.deadline_at <= clock_timestamp() AND st.on_timeout IS NOT NULL
+           AND NOT st.final
          ORDER BY s.deadline_at
          LIMIT p_limit * 4
     LOOP
@@ -557,4 +583,45 @@ BEGIN
     DO UPDATE SET error = excluded.error, attempts = excluded.attempts,
                   parked_at = excluded.parked_at;
 END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.set_notify_mode_v1(p_mode text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_mode NOT IN ('commit', 'relay') THEN
+        PERFORM pgstate.raise_error('SM012', 'notify mode is commit or relay',
+            jsonb_build_object('field', 'mode', 'value', p_mode));
+    END IF;
+    -- Unchanged: nothing to do, and no table lock on the log (ALTER TABLE would hold one
+    -- that stops every append until this transaction ends).
+    IF EXISTS (SELECT 1 FROM pgstate.config WHERE key = 'notify_mode' AND value = p_mode) THEN
+        RETURN;
+    END IF;
+    IF p_mode = 'commit' THEN
+        ALTER TABLE pgstate.events ENABLE TRIGGER events_notify;
+    ELSE
+        ALTER TABLE pgstate.events DISABLE TRIGGER events_notify;
+    END IF;
+    UPDATE pgstate.config SET value = p_mode WHERE key = 'notify_mode';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.save_snapshot_v1(p_tenant text, p_stream_id text, p_fold_hash text,
+    p_version bigint, p_state jsonb) RETURNS void
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- Only a version the stream has reached: a snapshot "from the future" would stand in
+    -- for every event up to it.
+    INSERT INTO pgstate.snapshots (tenant, stream_id, fold_hash, version, state)
+    SELECT p_tenant, p_stream_id, p_fold_hash, p_version, p_state
+     WHERE p_version >= 1
+       AND EXISTS (SELECT 1 FROM pgstate.streams s
+                    WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id
+                      AND s.version >= p_version)
+    ON CONFLICT (tenant, stream_id, fold_hash) DO UPDATE
+       SET version = excluded.version, state = excluded.state, created_at = clock_timestamp()
+     WHERE pgstate.snapshots.version < excluded.version;
 $$;

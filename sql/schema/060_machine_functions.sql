@@ -6,6 +6,8 @@ CREATE FUNCTION pgstate.register_machine_v1(p_name text, p_def_hash text, p_defi
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_stored jsonb;
 BEGIN
     IF p_name IS NULL OR p_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,99}$' THEN
         PERFORM pgstate.raise_error('SM012', 'machine name must be 1 to 100 letters, digits, _ . -',
@@ -24,10 +26,19 @@ BEGIN
     END IF;
 
     PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
-    SELECT m.version INTO o_version
+    SELECT m.version, m.definition INTO o_version, v_stored
       FROM pgstate.machines m WHERE m.name = p_name AND m.def_hash = p_def_hash
      ORDER BY m.version DESC LIMIT 1;
     IF FOUND THEN
+        -- The hash is the client's word: a definition stored under it must be this one, or
+        -- whoever registered first (anyone can compute a class's hash) would decide what
+        -- the instances of every later registration follow.
+        IF v_stored <> p_definition THEN
+            PERFORM pgstate.raise_error('SM006',
+                format('machine %s version %s has this def_hash and another definition',
+                       p_name, o_version),
+                jsonb_build_object('machine', p_name, 'version', o_version));
+        END IF;
         o_created := false;
         RETURN;
     END IF;
@@ -38,6 +49,14 @@ BEGIN
                 WHERE jsonb_typeof(s.value -> 'timeout_ms') = 'number'
                   AND (s.value -> 'timeout_ms')::numeric NOT BETWEEN 1 AND 3153600000000) THEN
         PERFORM pgstate.raise_error('SM012', 'a timeout must be 1 ms to 36500 days',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- A final state never moves again: a timeout there could never fire, and every sweep
+    -- would try it again.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE s.value -> 'final' = 'true'::jsonb
+                  AND jsonb_typeof(s.value -> 'timeout_ms') = 'number') THEN
+        PERFORM pgstate.raise_error('SM012', 'a final state cannot have a timeout',
             jsonb_build_object('field', 'definition'));
     END IF;
     -- A deadline needs its timeout edge, and the edge its deadline: a state with one and

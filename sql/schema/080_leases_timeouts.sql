@@ -167,6 +167,7 @@ BEGIN
           JOIN pgstate.machine_states st
             ON st.name = s.machine AND st.version = s.machine_version AND st.state = s.state
          WHERE s.deadline_at <= clock_timestamp() AND st.on_timeout IS NOT NULL
+           AND NOT st.final
          ORDER BY s.deadline_at
          LIMIT p_limit * 4
     LOOP

@@ -29,6 +29,11 @@ BEGIN
         PERFORM pgstate.raise_error('SM012', 'notify mode is commit or relay',
             jsonb_build_object('field', 'mode', 'value', p_mode));
     END IF;
+    -- Unchanged: nothing to do, and no table lock on the log (ALTER TABLE would hold one
+    -- that stops every append until this transaction ends).
+    IF EXISTS (SELECT 1 FROM pgstate.config WHERE key = 'notify_mode' AND value = p_mode) THEN
+        RETURN;
+    END IF;
     IF p_mode = 'commit' THEN
         ALTER TABLE pgstate.events ENABLE TRIGGER events_notify;
     ELSE
@@ -246,8 +251,14 @@ CREATE FUNCTION pgstate.save_snapshot_v1(p_tenant text, p_stream_id text, p_fold
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- Only a version the stream has reached: a snapshot "from the future" would stand in
+    -- for every event up to it.
     INSERT INTO pgstate.snapshots (tenant, stream_id, fold_hash, version, state)
-    VALUES (p_tenant, p_stream_id, p_fold_hash, p_version, p_state)
+    SELECT p_tenant, p_stream_id, p_fold_hash, p_version, p_state
+     WHERE p_version >= 1
+       AND EXISTS (SELECT 1 FROM pgstate.streams s
+                    WHERE s.tenant = p_tenant AND s.stream_id = p_stream_id
+                      AND s.version >= p_version)
     ON CONFLICT (tenant, stream_id, fold_hash) DO UPDATE
        SET version = excluded.version, state = excluded.state, created_at = clock_timestamp()
      WHERE pgstate.snapshots.version < excluded.version;

@@ -504,3 +504,38 @@ def test_a_relay_started_before_the_migration_waits_for_it(
                 relay_thread.join(timeout=10)
         assert not relay_thread.is_alive()
         assert payloads == [str(result.last_position)]
+
+
+def test_a_commit_right_after_a_read_still_wakes_the_listener(fresh_db: str) -> None:
+    """Notifications already queued are dropped before a read, never after it: one for a
+    commit that lands between the read and the wait must wake that wait, or its event
+    would wait a whole poll interval (a minute here, far beyond the test's deadline)."""
+    store = Store(fresh_db)
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        set_notify_mode(conn, "commit")
+    early = store.append("early-1", [NewEvent(type="Said")])
+    store.wait_for(early.last_position)
+    committed_after_read: list[str] = []
+
+    class CommitAfterFirstRead(Listener):
+        def _read_page(self, conn: psycopg.Connection[Any]) -> Any:
+            page = super()._read_page(conn)
+            if not committed_after_read:
+                result = store.append("late-1", [NewEvent(type="Said")])
+                committed_after_read.append(str(result.last_position))
+                conn.execute("SELECT 1")  # its notification reaches this connection now
+            return page
+
+    listener = CommitAfterFirstRead(fresh_db, poll_interval=60.0)
+    deadline = time.monotonic() + 20
+    delivered: list[RecordedEvent] = []
+    for event in listener.events(
+        should_stop=lambda: len(delivered) >= 2 or time.monotonic() > deadline
+    ):
+        delivered.append(event)
+    listener.close()
+    store.close()
+    assert [str(event.position) for event in delivered] == [
+        str(early.last_position),
+        *committed_after_read,
+    ]

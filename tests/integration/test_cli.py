@@ -94,6 +94,31 @@ def test_bad_intervals_and_batches_are_refused_before_anything_runs(args: tuple[
     assert f"argument {args[1]}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (("check",), 2, "no database given"),
+        (("check", "--dsn", "mysql://db/app"), 2, "needs PostgreSQL through psycopg 3"),
+        (("check", "--dsn", "postgresql://postgres@127.0.0.1:1/none"), 3, "connection"),
+        (("inspect", "t-1", "--dsn", "postgresql://postgres@127.0.0.1:1/none"), 3, "connection"),
+        (("timeouts", "--once", "--dsn", "postgresql://postgres@127.0.0.1:1/none"), 3, ""),
+        (("worker", "--member", "2", "--members", "2"), 2, "--member must be from 0 to 1"),
+    ],
+)
+def test_database_and_argument_trouble_is_one_line_with_its_own_status(
+    args: tuple[str, ...], status: int, message: str
+) -> None:
+    """Scripts can tell "not current" (1) from a bad argument (2) and a database that cannot
+    be reached (3)."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "PGSTATE_DSN"}
+    result = subprocess.run([*PGSTATE, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == status, result.stderr
+    assert result.stderr.startswith("pgstate: ") and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_worker_and_rebuild_commands(fresh_db: str) -> None:
     import asyncio
     import os

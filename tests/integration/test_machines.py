@@ -790,3 +790,31 @@ def test_the_server_refuses_a_timeout_beyond_36500_days(store: Store, pgstate_db
             ("0" * 64, psycopg.types.json.Jsonb(definition)),
         )
     assert isinstance(translate(caught.value), InvalidInput)
+
+
+def test_register_from_an_async_migration_connection(store: Store, pgstate_db: str) -> None:
+    """An async Alembic environment hands revisions a sync facade over an async
+    connection (run_sync): registering from it works as from a sync one."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from pgstate._connect import psycopg_url
+    from pgstate.migrate import register_machine
+
+    class Parcel(Machine):
+        packed = State(initial=True)
+        sent = State(final=True)
+        send = packed.to(sent)
+
+    async def scenario() -> tuple[bool, bool]:
+        engine = create_async_engine(psycopg_url(pgstate_db))
+        async with engine.begin() as conn:
+            first = await conn.run_sync(lambda sync_conn: register_machine(sync_conn, Parcel))
+        async with engine.begin() as conn:
+            again = await conn.run_sync(lambda sync_conn: register_machine(sync_conn, Parcel))
+        await engine.dispose()
+        return first.created, again.created
+
+    assert asyncio.run(scenario()) == (True, False)
+    assert store.create(new_id(), Parcel).state == "packed"

@@ -22,6 +22,7 @@ from pgstate.projection import (
     InlineProjection,
     Projection,
     ProjectionWorker,
+    SwallowedDatabaseError,
     rebuild,
     wait_for_projection,
 )
@@ -776,3 +777,28 @@ def test_bad_worker_settings_are_invalid_input(fresh_db: str, setting: str, valu
     with pytest.raises(InvalidInput) as caught:
         ProjectionWorker(fresh_db, Counting(), **{setting: value})
     assert caught.value.detail["field"] == setting
+
+
+def test_a_rebuild_whose_projection_swallows_a_database_error_fails(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    """The rebuild's pages have no savepoint per event: a caught error would make their
+    commit a silent rollback while the rebuild moved on. It fails instead, and the live
+    table and the parked list stay as they were."""
+    fresh_store.append("acct-w", [added(n) for n in range(4)])
+    worker = ProjectionWorker(fresh_db, SwallowsItsError(), max_attempts=1)
+
+    async def scenario() -> None:
+        await drain(worker)
+        assert len(await worker.parked_events()) == 1
+        await worker.release()
+        with pytest.raises(SwallowedDatabaseError):
+            await rebuild(fresh_db, SwallowsItsError())
+        assert len(await worker.parked_events()) == 1
+        # Retried with the same handler, it still fails: it stays parked, not "applied".
+        assert await worker.retry_parked() == 0
+        assert len(await worker.parked_events()) == 1
+        await worker.close()
+
+    asyncio.run(scenario())
+    assert counts(fresh_db) == {"acct-w": (3, 4)}

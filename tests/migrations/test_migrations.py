@@ -304,6 +304,36 @@ def test_dba_script_builds_the_same_catalog(
         assert store.append("order-1", [NewEvent(type="Placed")]).version == 1
 
 
+def test_offline_alembic_script_needs_no_database_and_builds_the_same_catalog(
+    empty_db: str, pgstate_server: str, pgstate_template: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`alembic upgrade heads --sql` on pgstate's own environment: written without a
+    database (none is configured here), schema first, and it installs what
+    `pgstate migrate` does."""
+    import io
+
+    from alembic import command
+    from pgstate.migrate import alembic_config
+
+    monkeypatch.delenv("PGSTATE_DSN", raising=False)
+    config = alembic_config()
+    config.output_buffer = io.StringIO()
+    command.upgrade(config, "heads", sql=True)
+    script = config.output_buffer.getvalue()
+    assert script.index("CREATE SCHEMA IF NOT EXISTS pgstate") < script.index(
+        "CREATE TABLE pgstate.alembic_version"
+    )
+    with psycopg.connect(empty_db) as connection:
+        assert connection.execute("SELECT to_regnamespace('pgstate')").fetchone() == (None,)
+        connection.execute(script.encode())
+    assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
+    engine = engine_for(empty_db)
+    try:
+        assert current(engine) == head()
+    finally:
+        engine.dispose()
+
+
 # --- (d) a host application's Alembic ---------------------------------------------------------
 
 HOST_ENV = """
@@ -418,6 +448,15 @@ def test_host_alembic_runs_pgstate_revisions(empty_db: str, tmp_path: Path) -> N
     with psycopg.connect(empty_db) as connection:
         counts = connection.execute("SELECT stream_id, events FROM host_event_counts").fetchall()
     assert counts == [("order-1", 1)]
+
+    # pgstate's revisions are forward-only; the host downgrades its own branch by label.
+    run_alembic(ini, "downgrade", "host@base")
+    assert version_rows(empty_db, "public.alembic_version") == [head()]
+    with psycopg.connect(empty_db) as connection:
+        left = connection.execute(
+            "SELECT to_regclass('public.host_orders'), to_regclass('pgstate.events')"
+        ).fetchone()
+    assert left == (None, "pgstate.events")
 
 
 # --- (e) the DBA script ----------------------------------------------------------------------
@@ -621,3 +660,39 @@ def test_async_store_migrate_builds_the_same_catalog(
         assert current(engine) == head()
     finally:
         engine.dispose()
+
+
+def test_migrations_at_once_in_one_process(
+    empty_db: str, pgstate_server: str, pgstate_template: str
+) -> None:
+    """Alembic's context is shared by the whole process: three threads and three tasks of
+    one event loop migrating at once each wait for the other runs, none hangs or fails."""
+    import asyncio
+    import threading
+
+    from pgstate import AsyncStore, Store
+
+    async def three_tasks() -> None:
+        stores = [AsyncStore(empty_db) for _ in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(s.migrate() for s in stores)), timeout=120)
+        for astore in stores:
+            await astore.close()
+
+    failures: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            with Store(empty_db) as store:
+                store.migrate()
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=in_thread) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    asyncio.run(three_tasks())
+    for thread in threads:
+        thread.join(timeout=120)
+    assert failures == [] and not any(thread.is_alive() for thread in threads)
+    assert version_rows(empty_db, "pgstate.alembic_version") == [head()]
+    assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))

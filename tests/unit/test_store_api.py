@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pgstate import AsyncStore, Store
+from pgstate import AsyncStore, Page, Store
 
 # The only annotation differences allowed: the connection and engine types of each flavour.
 _ASYNC_SPELLING = {"SyncConn": "AsyncConn", "Engine": "AsyncEngine"}
@@ -100,3 +100,26 @@ def test_context_managers() -> None:
     assert callable(Store.__enter__) and callable(Store.__exit__)
     assert inspect.iscoroutinefunction(AsyncStore.__aenter__)
     assert inspect.iscoroutinefunction(AsyncStore.__aexit__)
+
+
+def test_an_engine_of_the_other_flavour_is_a_type_error() -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # never connected to
+    with pytest.raises(TypeError, match="goes with AsyncStore"):
+        Store(create_async_engine(url))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="goes with Store"):
+        AsyncStore(create_engine(url))  # type: ignore[arg-type]
+
+
+def first_stream(page: Page) -> str | None:
+    # Typed use of a page: mypy --strict checks this file, so a Page whose iterator gave
+    # Any would fail it (no-any-return).
+    for event in page:
+        return event.stream_id
+    return None
+
+
+def test_a_page_iterates_its_events() -> None:
+    assert first_stream(Page([], None)) is None

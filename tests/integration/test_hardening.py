@@ -1,0 +1,153 @@
+"""What a caller of the SQL functions cannot do, even when it bypasses the Python client:
+plant a definition under another's hash, register a final state with a timeout, leave the
+sweeper stuck on an instance that can never time out, lock the log by setting the notify
+mode it already has, or store a snapshot of a version the stream has not reached."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from pgstate import IdempotencyKeyReused, InvalidInput, NewEvent, Store
+from pgstate._connect import libpq_dsn
+from pgstate.errors import translate
+from pgstate.fold import Fold
+from pgstate.listen import set_notify_mode
+from pgstate.machine import Machine, State
+from pgstate.models import RecordedEvent
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def server_error(dsn: str, statement: str, params: tuple[Any, ...]) -> Exception:
+    """The pgstate error a statement ends in, run straight on the server."""
+    with psycopg.connect(libpq_dsn(dsn)) as conn, pytest.raises(psycopg.Error) as caught:
+        conn.execute(statement, params)
+    return translate(caught.value)
+
+
+def test_a_definition_planted_under_a_machines_hash_is_refused(
+    store: Store, pgstate_db: str
+) -> None:
+    machine_name = unique("Order")
+
+    class Order(Machine):
+        name = machine_name
+        placed = State(initial=True)
+        paid = State()
+        shipped = State(final=True)
+        pay = placed.to(paid)
+        ship = paid.to(shipped)
+
+    planted = Order.definition()
+    planted["edges"].append({"event": "ship_now", "from": "placed", "to": "shipped"})
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
+        conn.execute(
+            "SELECT * FROM pgstate.register_machine_v1(%s, %s, %s)",
+            (machine_name, Order.def_hash(), Jsonb(planted)),
+        )
+    with pytest.raises(IdempotencyKeyReused, match="another definition"):
+        store.register(Order)
+
+
+def test_a_final_state_with_a_timeout_is_refused_by_the_server(pgstate_db: str) -> None:
+    definition = {
+        "initial": "open",
+        "states": {
+            "open": {"final": False},
+            "trap": {"final": True, "timeout_ms": 1, "on_timeout": "again"},
+        },
+        "edges": [
+            {"event": "close", "from": "open", "to": "trap"},
+            {"event": "again", "from": "trap", "to": "trap"},
+        ],
+    }
+    error = server_error(
+        pgstate_db,
+        "SELECT * FROM pgstate.register_machine_v1('FinalTimeout', %s, %s)",
+        ("0" * 64, Jsonb(definition)),
+    )
+    assert isinstance(error, InvalidInput) and "final state" in str(error)
+
+
+def test_the_sweeper_skips_a_final_state_that_has_a_deadline(store: Store, pgstate_db: str) -> None:
+    """A final state with a deadline (written directly: registration refuses one) is never
+    a candidate, so it can neither fill the audit table nor hold other timeouts back."""
+    machine_name = unique("Closing")
+
+    class Closing(Machine):
+        name = machine_name
+        open = State(initial=True, timeout=timedelta(hours=1), on_timeout="expire")
+        closed = State(final=True)
+        close = open.to(closed)
+        expire = open.to(closed)
+
+    store.register(Closing)
+    finished, due = unique("closing-"), unique("closing-")
+    store.create(finished, Closing)
+    store.transition(finished, "close")
+    store.create(due, Closing)
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
+        conn.execute(
+            "UPDATE pgstate.streams SET deadline_at = now() - interval '1 hour'"
+            " WHERE stream_id = ANY(%s)",
+            ([finished, due],),
+        )
+        conn.execute(
+            "UPDATE pgstate.machine_states SET timeout = interval '1 ms', on_timeout = 'expire'"
+            " WHERE name = %s AND state = 'closed'",
+            (machine_name,),
+        )
+    fired = [item.stream_id for item in store.fire_due_timeouts(10_000)]
+    assert due in fired and finished not in fired
+    assert store.history(finished).rejections == []
+
+
+def test_setting_the_notify_mode_it_has_takes_no_lock_on_the_log(
+    store: Store, pgstate_db: str
+) -> None:
+    with psycopg.connect(libpq_dsn(pgstate_db)) as holder:  # a transaction left open
+        set_notify_mode(holder, "relay")
+        set_notify_mode(holder, "relay")
+        locks = holder.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
+            " AND relation = 'pgstate.events'::regclass"
+        ).fetchone()
+        assert locks == (0,)
+        assert store.append(unique("during-"), [NewEvent(type="Noted")]).version == 1
+        holder.rollback()
+
+
+class Count(Fold):
+    name = "count"
+
+    def initial(self) -> dict[str, Any]:
+        return {"n": 0}
+
+    def apply(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        return {"n": state["n"] + 1}
+
+
+def test_a_snapshot_of_a_version_the_stream_has_not_reached_is_not_stored(
+    store: Store, pgstate_db: str
+) -> None:
+    stream = unique("counted-")
+    store.append(stream, [NewEvent(type="Counted") for _ in range(4)])
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
+        for version in (5, 2**62, 0, -1):
+            conn.execute(
+                "SELECT pgstate.save_snapshot_v1('default', %s, %s, %s, %s::jsonb)",
+                (stream, Count().fold_hash(), version, json.dumps({"n": 10**6})),
+            )
+    folded = store.load_state(stream, Count())
+    assert folded.state == {"n": 4} and folded.snapshot_version is None
+    store.append(stream, [NewEvent(type="Counted")])
+    assert store.load_state(stream, Count()).state == {"n": 5}
