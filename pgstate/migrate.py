@@ -170,34 +170,28 @@ def run_environment(context: EnvironmentContext) -> None:
 
 def _write_migrations(context: EnvironmentContext) -> None:
     """Offline (``alembic upgrade --sql``): the script, with no database to connect to.
-    The schema comes first, since Alembic's version table lives in it."""
-    context.configure(
-        dialect_name="postgresql",
-        # Named parameters: with the driver's own (pyformat) every % of the SQL files
-        # would be written doubled.
-        dialect_opts={"paramstyle": "named"},
-        version_table=VERSION_TABLE,
-        version_table_schema=VERSION_SCHEMA,
-        transactional_ddl=True,
-    )
-    with context.begin_transaction():
-        context.execute(query("migration_lock"))
-        context.execute(query("create_schema"))
-        context.run_migrations()
+    Named parameters: with the driver's own (pyformat) every % of the SQL files would be
+    written doubled."""
+    _migrate(context, dialect_name="postgresql", dialect_opts={"paramstyle": "named"})
 
 
 def _run_migrations(context: EnvironmentContext, connection: Connection) -> None:
+    _migrate(context, connection=connection)
+
+
+def _migrate(context: EnvironmentContext, **target: Any) -> None:
     context.configure(
-        connection=connection,
         version_table=VERSION_TABLE,
         version_table_schema=VERSION_SCHEMA,
         transactional_ddl=True,
+        **target,
     )
     with context.begin_transaction():
-        # Taken before Alembic reads its version table, so a second concurrent run waits and
-        # then sees the first one's revision.
-        connection.exec_driver_sql(query("migration_lock"))
-        connection.exec_driver_sql(query("create_schema"))
+        # The lock is taken before Alembic reads its version table, so a second concurrent
+        # run waits and then sees the first one's revision; the schema comes before that
+        # table, which lives in it (an offline script creates both).
+        context.execute(query("migration_lock"))
+        context.execute(query("create_schema"))
         context.run_migrations()
 
 

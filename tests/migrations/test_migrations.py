@@ -52,6 +52,14 @@ def engine_for(url: str) -> Engine:
     return create_engine(psycopg_url(url))
 
 
+def installed_revision(url: str) -> str | None:
+    engine = engine_for(url)
+    try:
+        return current(engine)
+    finally:
+        engine.dispose()
+
+
 # Every catalog query is scoped to schema pgstate and ignores Alembic's version table.
 CATALOG_QUERIES: dict[str, str] = {
     "relations": """
@@ -238,11 +246,7 @@ def test_two_processes_migrate_at_once(
         process.join(timeout=180)
     assert [process.exitcode for process in processes] == [0, 0]
 
-    engine = engine_for(empty_db)
-    try:
-        assert current(engine) == head()
-    finally:
-        engine.dispose()
+    assert installed_revision(empty_db) == head()
     assert version_rows(empty_db, "pgstate.alembic_version") == [head()]
     assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
     append_and_read(empty_db, "order-1")
@@ -327,11 +331,7 @@ def test_offline_alembic_script_needs_no_database_and_builds_the_same_catalog(
         assert connection.execute("SELECT to_regnamespace('pgstate')").fetchone() == (None,)
         connection.execute(script.encode())
     assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
-    engine = engine_for(empty_db)
-    try:
-        assert current(engine) == head()
-    finally:
-        engine.dispose()
+    assert installed_revision(empty_db) == head()
 
 
 # --- (d) a host application's Alembic ---------------------------------------------------------
@@ -655,11 +655,7 @@ def test_async_store_migrate_builds_the_same_catalog(
 
     assert asyncio.run(migrate_and_append()) == 1
     assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
-    engine = engine_for(empty_db)
-    try:
-        assert current(engine) == head()
-    finally:
-        engine.dispose()
+    assert installed_revision(empty_db) == head()
 
 
 def test_migrations_at_once_in_one_process(
