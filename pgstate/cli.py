@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import psycopg
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
 from pgstate.config import Settings
-from pgstate.errors import ConnectionLost, InvalidInput, PgStateError, TransientError
+from pgstate.errors import ConnectionLost, InvalidInput, TransientError
 from pgstate.listen import Relay
 from pgstate.machine import Machine
 from pgstate.projection import Projection, ProjectionWorker, rebuild
@@ -389,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A missing or malformed DSN, or input the server refused as invalid; not any
         # ValueError, which may be a bug in the user's projection (its traceback matters).
         return _one_line(problem, EXIT_BAD_ARGUMENT)
-    except (PgStateError, psycopg.Error, DBAPIError) as problem:
+    except (ConnectionLost, psycopg.OperationalError, OperationalError) as problem:
+        # The database cannot be reached. Any other error keeps its traceback: it may be a
+        # bug in the user's projection or machine.
         return _one_line(problem, EXIT_DATABASE)
 
 

@@ -56,8 +56,31 @@ _ONE_RUN_AT_A_TIME = threading.Lock()
 
 def upgrade_on_connection(connection: Connection, target: str = "heads") -> None:
     """Upgrade inside the given connection's transaction (the caller commits)."""
-    with _ONE_RUN_AT_A_TIME:
+    driver: Any = connection.connection.driver_connection
+    if isinstance(driver, psycopg.AsyncConnection):
+        # Inside run_sync, on the event loop's thread: wait without blocking the loop,
+        # whose other task may hold the lock and need the loop to give it back.
+        while not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
+            await_only(asyncio.sleep(0.01))
+    elif not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
+        if _event_loop_runs_here():
+            raise RuntimeError(
+                "a pgstate migration is running in this thread's event loop: a blocking "
+                "migrate() here would wait for it forever; await AsyncStore.migrate()"
+            )
+        _ONE_RUN_AT_A_TIME.acquire()
+    try:
         _upgrade(connection, target)
+    finally:
+        _ONE_RUN_AT_A_TIME.release()
+
+
+def _event_loop_runs_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _upgrade(connection: Connection, target: str) -> None:

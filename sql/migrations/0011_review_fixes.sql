@@ -18,9 +18,11 @@
 -- that names no state of the old version.
 -- register_machine_v1 also refuses a def_hash stored with another definition (the hash is
 -- the client's word: whoever registered first would otherwise decide what later
--- registrations' instances follow) and a final state with a timeout; the sweeper skips
+-- registrations' instances follow), state rules of the wrong JSON type (a string "true"
+-- passed the checks and was cast later) and a final state with a timeout; the sweeper skips
 -- final states (such a timeout could never fire, and every sweep tried it again).
--- set_notify_mode_v1: no table lock when the mode is unchanged.
+-- set_notify_mode_v1: no table lock when the mode is unchanged (the trigger's state, not
+-- only the config row).
 -- save_snapshot_v1: only at a version the stream has reached.
 -- save_checkpoint_v1, park_event_v1: fenced by the epoch alone. A page that outlasted the
 -- lease was refused at its commit although its fence had held the checkpoint row all
@@ -116,6 +118,18 @@ BEGIN
         RETURN;
     END IF;
     SELECT max(m.version) INTO o_version FROM pgstate.machines m WHERE m.name = p_name;
+    -- The state rules' types first: the inserts below cast them, so a string "true" or
+    -- "1" would otherwise pass every check written for a JSON boolean or number.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE jsonb_typeof(s.value) <> 'object'
+                   OR coalesce(jsonb_typeof(s.value -> 'final'), 'null')
+                      NOT IN ('boolean', 'null')
+                   OR coalesce(jsonb_typeof(s.value -> 'timeout_ms'), 'null')
+                      NOT IN ('number', 'null')) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each state is an object with a boolean final and a numeric timeout_ms',
+            jsonb_build_object('field', 'definition'));
+    END IF;
     -- A deadline is a timestamp: a timeout beyond 100 years would put every instance that
     -- enters the state out of the server's range.
     IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
@@ -595,8 +609,13 @@ BEGIN
             jsonb_build_object('field', 'mode', 'value', p_mode));
     END IF;
     -- Unchanged: nothing to do, and no table lock on the log (ALTER TABLE would hold one
-    -- that stops every append until this transaction ends).
-    IF EXISTS (SELECT 1 FROM pgstate.config WHERE key = 'notify_mode' AND value = p_mode) THEN
+    -- that stops every append until this transaction ends). The trigger is the truth, not
+    -- the config row: a restore with triggers disabled and enabled again turns it on.
+    IF EXISTS (SELECT 1 FROM pg_trigger t
+                WHERE t.tgrelid = 'pgstate.events'::regclass AND t.tgname = 'events_notify'
+                  AND t.tgenabled = CASE p_mode WHEN 'commit' THEN 'O' ELSE 'D' END)
+       AND EXISTS (SELECT 1 FROM pgstate.config
+                    WHERE key = 'notify_mode' AND value = p_mode) THEN
         RETURN;
     END IF;
     IF p_mode = 'commit' THEN

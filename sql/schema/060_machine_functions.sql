@@ -43,6 +43,18 @@ BEGIN
         RETURN;
     END IF;
     SELECT max(m.version) INTO o_version FROM pgstate.machines m WHERE m.name = p_name;
+    -- The state rules' types first: the inserts below cast them, so a string "true" or
+    -- "1" would otherwise pass every check written for a JSON boolean or number.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE jsonb_typeof(s.value) <> 'object'
+                   OR coalesce(jsonb_typeof(s.value -> 'final'), 'null')
+                      NOT IN ('boolean', 'null')
+                   OR coalesce(jsonb_typeof(s.value -> 'timeout_ms'), 'null')
+                      NOT IN ('number', 'null')) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each state is an object with a boolean final and a numeric timeout_ms',
+            jsonb_build_object('field', 'definition'));
+    END IF;
     -- A deadline is a timestamp: a timeout beyond 100 years would put every instance that
     -- enters the state out of the server's range.
     IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s

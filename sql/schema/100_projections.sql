@@ -30,8 +30,13 @@ BEGIN
             jsonb_build_object('field', 'mode', 'value', p_mode));
     END IF;
     -- Unchanged: nothing to do, and no table lock on the log (ALTER TABLE would hold one
-    -- that stops every append until this transaction ends).
-    IF EXISTS (SELECT 1 FROM pgstate.config WHERE key = 'notify_mode' AND value = p_mode) THEN
+    -- that stops every append until this transaction ends). The trigger is the truth, not
+    -- the config row: a restore with triggers disabled and enabled again turns it on.
+    IF EXISTS (SELECT 1 FROM pg_trigger t
+                WHERE t.tgrelid = 'pgstate.events'::regclass AND t.tgname = 'events_notify'
+                  AND t.tgenabled = CASE p_mode WHEN 'commit' THEN 'O' ELSE 'D' END)
+       AND EXISTS (SELECT 1 FROM pgstate.config
+                    WHERE key = 'notify_mode' AND value = p_mode) THEN
         RETURN;
     END IF;
     IF p_mode = 'commit' THEN

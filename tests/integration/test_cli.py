@@ -279,3 +279,46 @@ def test_the_timeouts_command_rides_out_a_database_outage(fresh_db: str) -> None
         sweeper.wait(timeout=30)
         store.close()
     assert sweeper.returncode == 0
+
+
+BUGGY_PROJECTION = """
+import psycopg
+from pgstate.projection import Projection
+
+
+class Buggy(Projection):
+    name = "buggy"
+    table = "buggy_rows"
+
+    async def setup(self, conn, table):
+        await conn.execute(psycopg.sql.SQL("CREATE TABLE {} (n int)").format(
+            psycopg.sql.Identifier(table)))
+
+    async def apply(self, conn, event, table):
+        await conn.execute("SELECT 1 / 0")  # the projection's own bug
+
+
+buggy = Buggy()
+"""
+
+
+def test_a_bug_in_the_users_projection_keeps_its_traceback(fresh_db: str, tmp_path: Path) -> None:
+    """Exit 3 and one line are for a database that cannot be reached; an error raised by
+    the projection's own SQL is a bug to read in full."""
+    import os
+
+    from pgstate import NewEvent, Store
+
+    (tmp_path / "buggy_projection.py").write_text(BUGGY_PROJECTION)
+    with Store(fresh_db) as store:
+        store.append("order-1", [NewEvent(type="Placed")])
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [*PGSTATE, "rebuild", "buggy_projection:buggy", "--dsn", fresh_db],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "DivisionByZero" in result.stderr

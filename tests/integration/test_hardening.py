@@ -151,3 +151,48 @@ def test_a_snapshot_of_a_version_the_stream_has_not_reached_is_not_stored(
     assert folded.state == {"n": 4} and folded.snapshot_version is None
     store.append(stream, [NewEvent(type="Counted")])
     assert store.load_state(stream, Count()).state == {"n": 5}
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"final": "true", "timeout_ms": 1, "on_timeout": "again"},
+        {"final": "yes"},
+        {"final": True, "timeout_ms": "1", "on_timeout": "again"},
+        {"final": False, "timeout_ms": "100000000000000000", "on_timeout": "again"},
+        "final",
+    ],
+    ids=["final-as-string", "final-yes", "timeout-as-string", "huge-timeout-string", "not-object"],
+)
+def test_state_rules_of_the_wrong_json_type_are_refused(pgstate_db: str, rules: Any) -> None:
+    definition = {
+        "initial": "open",
+        "states": {"open": {"final": False}, "trap": rules},
+        "edges": [
+            {"event": "close", "from": "open", "to": "trap"},
+            {"event": "again", "from": "trap", "to": "trap"},
+        ],
+    }
+    error = server_error(
+        pgstate_db,
+        "SELECT * FROM pgstate.register_machine_v1('WrongTypes', %s, %s)",
+        ("1" * 64, Jsonb(definition)),
+    )
+    assert isinstance(error, InvalidInput)
+
+
+def test_setting_the_notify_mode_repairs_a_trigger_the_config_disagrees_with(
+    fresh_db: str,
+) -> None:
+    """A data-only restore with triggers disabled and enabled again turns the notify
+    trigger on while the config still says relay: setting relay turns it off again."""
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        set_notify_mode(conn, "relay")
+        conn.execute("ALTER TABLE pgstate.events DISABLE TRIGGER ALL")
+        conn.execute("ALTER TABLE pgstate.events ENABLE TRIGGER ALL")
+        set_notify_mode(conn, "relay")
+        state = conn.execute(
+            "SELECT tgenabled FROM pg_trigger"
+            " WHERE tgrelid = 'pgstate.events'::regclass AND tgname = 'events_notify'"
+        ).fetchone()
+    assert state == ("D",)

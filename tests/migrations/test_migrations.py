@@ -692,3 +692,49 @@ def test_migrations_at_once_in_one_process(
     assert failures == [] and not any(thread.is_alive() for thread in threads)
     assert version_rows(empty_db, "pgstate.alembic_version") == [head()]
     assert_same_catalog(catalog(empty_db), catalog(database_url(pgstate_server, pgstate_template)))
+
+
+def test_migrations_on_one_event_loop_never_block_it(empty_db: str) -> None:
+    """While another run holds the process's migration lock (held here directly), a task
+    migrating through run_sync(upgrade_on_connection) waits without blocking the event
+    loop, and a blocking Store.migrate() on the loop's thread refuses instead of waiting
+    forever for a holder that needs the loop. Both hung before."""
+    import asyncio
+    import threading
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from pgstate import Store
+    from pgstate import migrate as migrations
+
+    lock = migrations._ONE_RUN_AT_A_TIME  # the lock a concurrent run would hold
+    refusals: list[str] = []
+
+    async def through_run_sync() -> None:
+        engine = create_async_engine(psycopg_url(empty_db))
+        async with engine.begin() as conn:
+            await conn.run_sync(migrations.upgrade_on_connection)
+        await engine.dispose()
+
+    async def scenario() -> None:
+        assert lock.acquire(blocking=False)
+        try:
+            waiting = asyncio.create_task(through_run_sync())
+            for _ in range(50):  # the loop keeps turning while the task waits
+                await asyncio.sleep(0.002)
+            assert not waiting.done()
+            with Store(empty_db) as store:
+                try:
+                    store.migrate()
+                except RuntimeError as refused:
+                    refusals.append(str(refused))
+        finally:
+            lock.release()
+        await waiting
+
+    runner = threading.Thread(target=lambda: asyncio.run(scenario()), daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "a migration blocked its own event loop"
+    assert len(refusals) == 1 and "await AsyncStore.migrate()" in refusals[0]
+    assert installed_revision(empty_db) == head()
