@@ -3,6 +3,8 @@ connection (sync or async) and translate errors."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -24,6 +26,51 @@ _XID8_OID = 5069  # built-in type oid, fixed since PostgreSQL 13
 
 # The attribute of a connection that holds pgstate's idle cursor between calls.
 _CURSOR_ATTRIBUTE = "_pgstate_cursor"
+# The attribute of a caller's connection that holds the lock pgstate's calls on it take.
+_LOCK_ATTRIBUTE = "_pgstate_call_lock"
+
+
+def call_lock(conn: psycopg.Connection[Any]) -> threading.RLock:
+    """One pgstate call at a time on a caller's connection. Threads sharing it would
+    otherwise interleave the statements of two calls: one call's transaction block or
+    savepoint would close over the other's writes (committing or rolling back work that
+    is not its own). Reentrant: an inline projection may call pgstate on the connection
+    it is given. setdefault on the instance dict is atomic."""
+    lock: threading.RLock | None = vars(conn).get(_LOCK_ATTRIBUTE)
+    if lock is None:
+        lock = vars(conn).setdefault(_LOCK_ATTRIBUTE, threading.RLock())
+    return lock
+
+
+class _TaskLock:
+    """A lock that the task holding it may take again (asyncio.Lock may not)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and self._owner is task:
+            self._depth += 1
+            return
+        await self._lock.acquire()
+        self._owner, self._depth = task, 1
+
+    async def __aexit__(self, *_: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+
+def acall_lock(conn: psycopg.AsyncConnection[Any]) -> _TaskLock:
+    """The async twin of :func:`call_lock`, for tasks sharing a connection."""
+    lock: _TaskLock | None = vars(conn).get(_LOCK_ATTRIBUTE)
+    if lock is None:
+        lock = vars(conn).setdefault(_LOCK_ATTRIBUTE, _TaskLock())
+    return lock
 
 
 def _prepare_adapters(adapters: AdaptersMap) -> None:

@@ -163,6 +163,23 @@ def position_params(after: Position | str | None) -> dict[str, Any]:
     return {"tx": str(after.tx), "pos": after.pos}
 
 
+def checked_wait(position: object, timeout: object) -> Position:
+    """The position to wait for (a Position or a 'tx:pos' string), once the timeout is
+    known to be a finite number of seconds >= 0: a NaN deadline would never pass."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout < float("inf")
+    ):
+        raise InvalidInput(
+            "timeout must be a finite number of seconds >= 0", detail={"field": "timeout"}
+        )
+    params = position_params(position)  # type: ignore[arg-type]
+    if position is None:
+        raise InvalidInput("give the position to wait for", detail={"field": "position"})
+    return Position(int(params["tx"]), params["pos"])
+
+
 def append_statement(
     tenant: str,
     stream_id: str,

@@ -132,7 +132,8 @@ def _work_on(
 
 def check_history(store: Store, conn: psycopg.Connection[Any]) -> list[str]:
     """Invariant violations over the whole history: every ticket went through the
-    lifecycle exactly once, in order, with contiguous versions."""
+    lifecycle (or, if a run stopped before it finished, the start of it) exactly once, in
+    order, with contiguous versions."""
     rows = conn.execute(
         query("machine_history"), {"tenant": store.tenant, "machine": "Ticket"}
     ).fetchall()
@@ -145,7 +146,7 @@ def check_history(store: Store, conn: psycopg.Connection[Any]) -> list[str]:
         types = [t for _, t in events]
         if versions != list(range(1, len(versions) + 1)):
             problems.append(f"{stream_id}: versions not contiguous: {versions}")
-        if types != LIFECYCLE:
+        if types != LIFECYCLE[: len(types)]:
             problems.append(f"{stream_id}: steps {types} are not the lifecycle once, in order")
     return problems
 
@@ -181,7 +182,10 @@ def run_scenario(
     store.migrate()
     store.register(Ticket)
     with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-        first = len(store.find_in_state(Ticket, "resolved", limit=100_000, conn=conn))
+        # Numbered after every ticket there is, finished or not: an earlier run stopped
+        # by its deadline leaves some unresolved, and their ids are taken.
+        first = sum(count_by_state(store, conn).values())
+        resolved_before = count_by_state(store, conn).get("resolved", 0)
         ids = [ticket_id(first + n) for n in range(tickets)]
         for stream_id in ids:
             store.create(stream_id, Ticket, data={"subject": f"request {stream_id}"}, conn=conn)
@@ -221,7 +225,7 @@ def run_scenario(
             applied.update(report.applied)
             rejected.update(report.rejected)
         violations = check_history(store, conn)
-        resolved = count_by_state(store, conn).get("resolved", 0) - first
+        resolved = count_by_state(store, conn).get("resolved", 0) - resolved_before
     store.close()
     return DemoResult(tickets, resolved, applied, rejected, violations, elapsed)
 

@@ -51,8 +51,9 @@ class Fold:
 
 # Part of every fold hash: raised when what a snapshot may hold changes, so snapshots
 # written under older rules are no longer read. 2: only states made of JSON's own types
-# (earlier, a state with integer keys was stored and read back with string keys).
-SNAPSHOT_FORMAT = 2
+# (earlier, a state with integer keys was stored and read back with string keys). 3: no
+# float of 1e16 or more (jsonb gave it back as an int).
+SNAPSHOT_FORMAT = 3
 
 
 # Once per class, weakly held (a class made at run time may go): reading the source costs
@@ -93,6 +94,9 @@ def snapshot_text(state: dict[str, Any]) -> str:
 
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# From here on Python writes a float in exponent form, which jsonb stores and gives back
+# as a plain integer.
+_JSONB_INT_FLOATS = 1e16
 
 
 def _not_json(value: Any, where: str) -> str | None:
@@ -112,6 +116,9 @@ def _not_json(value: Any, where: str) -> str | None:
             if problem is not None:
                 return problem
         return None
+    if kind is float and abs(value) >= _JSONB_INT_FLOATS:
+        # jsonb writes 1e16 as 10000000000000000, which reads back as an int.
+        return f"{where} is a float that comes back from the database as an int: {value!r}"
     if kind in _JSON_SCALARS:
         return None
     return f"{where} is a {kind.__name__}"

@@ -1220,21 +1220,51 @@ def machine_from_definition(definition: Mapping[str, Any]) -> type[Machine]:
     return _build(name, states, edges)
 
 
+class _DuplicateKey(Exception):
+    """A mapping names one key twice: the loaders would keep the last silently."""
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice ({key_node.start_mark})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
 def machine_from_yaml(text: str) -> type[Machine]:
     """Build a machine from a YAML document (see :func:`machine_from_dict`)."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictYamlLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise MachineDefinitionError(f"invalid YAML: {exc}") from exc
+    except _DuplicateKey as exc:
+        raise MachineDefinitionError(f"invalid YAML: {exc}") from None
     return machine_from_dict(data)
 
 
 def machine_from_json(text: str) -> type[Machine]:
     """Build a machine from a JSON document (see :func:`machine_from_dict`)."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise MachineDefinitionError(f"invalid JSON: {exc}") from exc
+    except _DuplicateKey as exc:
+        raise MachineDefinitionError(f"invalid JSON: {exc}") from None
     return machine_from_dict(data)
 
 

@@ -435,13 +435,14 @@ class ProjectionWorker:
 async def wait_for_projection(
     dsn: str,
     projection: str,
-    position: Position,
+    position: Position | str,
     *,
     stream_id: str | None = None,
     timeout: float = 10.0,
 ) -> None:
     """Return once the projection has handled everything up to ``position`` (for a
     consumer group, the member that owns ``stream_id``); raise TimeoutError otherwise."""
+    position = _ops.checked_wait(position, timeout)
     deadline = time.monotonic() + timeout
     async with await psycopg.AsyncConnection.connect(libpq_dsn(dsn), autocommit=True) as conn:
         _prepare_adapters(conn.adapters)

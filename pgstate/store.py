@@ -25,7 +25,7 @@ from pgstate._connect import (
     raw_sync,
     sync_engine,
 )
-from pgstate._driver import arun, asavepoint, run, savepoint
+from pgstate._driver import acall_lock, arun, asavepoint, call_lock, run, savepoint
 from pgstate._ops import Op, check_identifier
 from pgstate._telemetry import append_span, current_traceparent, transition_span
 from pgstate.config import Settings
@@ -96,13 +96,14 @@ class Store(_StoreBase):
         project = writes and bool(self.inline_projections)
         if conn is not None:
             raw = raw_sync(conn)
-            if project and raw.autocommit:
-                with raw.transaction():
-                    return self._run_projected(raw, op)
-            if project:
-                with savepoint(raw):
-                    return self._run_projected(raw, op)
-            return run(raw, op, atomic=atomic)
+            with call_lock(raw):
+                if project and raw.autocommit:
+                    with raw.transaction():
+                        return self._run_projected(raw, op)
+                if project:
+                    with savepoint(raw):
+                        return self._run_projected(raw, op)
+                return run(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
         try:
             with engine.connect() as own:
@@ -126,9 +127,10 @@ class Store(_StoreBase):
                         projection.apply(raw, event)
         return result
 
-    def wait_for(self, position: Position, *, timeout: float = 10.0) -> None:
+    def wait_for(self, position: Position | str, *, timeout: float = 10.0) -> None:
         """Return once ``position`` is visible to tailing readers (read-your-writes for
         read_all and listeners); raise TimeoutError after ``timeout`` seconds."""
+        position = _ops.checked_wait(position, timeout)
         deadline = time.monotonic() + timeout
         while self._call(_ops.watermark(), None) <= position.tx:
             if time.monotonic() > deadline:
@@ -456,13 +458,14 @@ class AsyncStore(_StoreBase):
         project = writes and bool(self.inline_projections)
         if conn is not None:
             raw = await raw_async(conn)
-            if project and raw.autocommit:
-                async with raw.transaction():
-                    return await self._run_projected(raw, op)
-            if project:
-                async with asavepoint(raw):
-                    return await self._run_projected(raw, op)
-            return await arun(raw, op, atomic=atomic)
+            async with acall_lock(raw):
+                if project and raw.autocommit:
+                    async with raw.transaction():
+                        return await self._run_projected(raw, op)
+                if project:
+                    async with asavepoint(raw):
+                        return await self._run_projected(raw, op)
+                return await arun(raw, op, atomic=atomic)
         engine = self.engine if atomic or project else self._autocommit_engine
         try:
             async with engine.connect() as own:
@@ -483,7 +486,8 @@ class AsyncStore(_StoreBase):
                         await projection.apply(raw, event)
         return result
 
-    async def wait_for(self, position: Position, *, timeout: float = 10.0) -> None:
+    async def wait_for(self, position: Position | str, *, timeout: float = 10.0) -> None:
+        position = _ops.checked_wait(position, timeout)
         deadline = time.monotonic() + timeout
         while await self._call(_ops.watermark(), None) <= position.tx:
             if time.monotonic() > deadline:

@@ -28,3 +28,17 @@ def test_eight_agents_500_tickets(fresh_db: str) -> None:
             "resolve",
         )
     }
+
+
+@pytest.mark.committing
+def test_a_second_run_after_one_cut_short_numbers_its_tickets_after_all_of_them(
+    fresh_db: str,
+) -> None:
+    """A run stopped by its deadline leaves unresolved tickets; the next run must not
+    reuse their ids (it failed with "already exists"), and an unfinished ticket is not a
+    violation."""
+    first = run_scenario(fresh_db, tickets=20, agents=1, deadline=0.0)
+    assert first.violations == [] and first.resolved < 20
+    second = run_scenario(fresh_db, tickets=30, agents=3, deadline=240)
+    # Its agents finish the tickets the first run left, too.
+    assert second.violations == [] and second.resolved == 30 + 20 - first.resolved

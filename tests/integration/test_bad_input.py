@@ -697,3 +697,34 @@ def test_append_many_reads_a_generator_once(store: Store, conn: Connection) -> N
     appends = (StreamAppend(f"order-{n}", opened()) for n in (15, 16))
     results = store.append_many(appends, conn=conn)
     assert [r.stream_id for r in results] == ["order-15", "order-16"]
+
+
+@pytest.mark.parametrize(
+    ("position", "timeout", "field"),
+    [
+        (Position(1, 1), float("nan"), "timeout"),
+        (Position(1, 1), None, "timeout"),
+        (Position(1, 1), -1, "timeout"),
+        (Position(1, 1), float("inf"), "timeout"),
+        ("not-a-position", 1.0, "after"),
+        (None, 1.0, "position"),
+    ],
+)
+def test_bad_waits_are_invalid_input(store: Store, position: Any, timeout: Any, field: str) -> None:
+    """A NaN timeout used to wait forever; a string position, as read_all takes, works."""
+    with pytest.raises(InvalidInput) as caught:
+        store.wait_for(position, timeout=timeout)
+    assert caught.value.detail["field"] == field
+
+
+def test_a_wait_takes_a_position_as_text(store: Store) -> None:
+    store.wait_for("1:0", timeout=5)
+
+
+@pytest.mark.parametrize("interval", [0, -1, float("nan"), "1", True])
+def test_bad_listener_poll_interval(pgstate_db: str, interval: Any) -> None:
+    from pgstate.listen import Listener
+
+    with pytest.raises(InvalidInput) as caught:
+        Listener(pgstate_db, poll_interval=interval)
+    assert caught.value.detail == {"field": "poll_interval"}

@@ -258,3 +258,69 @@ def test_a_snapshot_older_than_the_stream_is_a_retryable_serialization_failure(
         conn.commit()
     assert (result.version, moved.version) == (3, 4)
     assert [event.type for event in store.read_stream(stream)] == ["Opened", "Moved", "Late"]
+
+
+def test_tasks_sharing_a_connection_take_turns(store: Store, pgstate_db: str) -> None:
+    """Concurrent calls on one AsyncConnection run one at a time: with inline projections
+    (a savepoint per call), one task's refusal no longer rolls back the writes the others
+    were told had succeeded."""
+    from pgstate.models import RecordedEvent
+    from pgstate.projection import AsyncInlineProjection
+
+    class Noted(AsyncInlineProjection):
+        async def apply(self, conn: psycopg.AsyncConnection[Any], event: RecordedEvent) -> None:
+            await asyncio.sleep(0)  # a turn for the other tasks, mid-call
+
+    stream = "shared-conn"
+    store.append(stream, [NewEvent(type="Opened")])
+
+    async def scenario() -> list[str]:
+        astore = AsyncStore(pgstate_db, inline_projections=[Noted()])
+        conn = await psycopg.AsyncConnection.connect(libpq_dsn(pgstate_db))
+
+        async def append(expected: int) -> str:
+            try:
+                await astore.append(
+                    stream, [NewEvent(type="Noted")], expected_version=expected, conn=conn
+                )
+            except VersionConflict:
+                return "conflict"
+            return "ok"
+
+        try:
+            outcomes = await asyncio.gather(
+                append(5), append(ExpectedVersion.ANY), append(ExpectedVersion.ANY)
+            )
+            await conn.commit()
+        finally:
+            await conn.close()
+            await astore.close()
+        return list(outcomes)
+
+    outcomes = asyncio.run(scenario())
+    assert sorted(outcomes) == ["conflict", "ok", "ok"]
+    assert [e.type for e in store.read_stream(stream)] == ["Opened", "Noted", "Noted"]
+
+
+def test_threads_sharing_an_autocommit_connection_take_turns(store: Store, pgstate_db: str) -> None:
+    """append_many runs in a transaction block on an autocommit connection; two threads
+    at once nested their blocks and closed them in the wrong order."""
+    from pgstate import StreamAppend
+
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as shared:
+
+        def write(n: int) -> None:
+            store.append_many(
+                [StreamAppend(f"turns-{n}-{k}", [NewEvent(type="Noted")]) for k in range(2)],
+                conn=shared,
+            )
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert shared.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    for n in range(4):
+        for k in range(2):
+            assert len(store.read_stream(f"turns-{n}-{k}")) == 1

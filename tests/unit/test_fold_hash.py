@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from pgstate.fold import Fold
 
 TEMPLATE = """
@@ -60,3 +62,13 @@ def test_unreadable_source_hash_is_the_same_in_another_process() -> None:
         for seed in (1, 2, 3, 4)
     }
     assert hashes == {fold_from_exec(1).fold_hash()}
+
+
+@pytest.mark.parametrize("value", [1e16, -2.5e20, float(2**60)])
+def test_a_float_the_database_gives_back_as_an_int_is_not_snapshotted(value: float) -> None:
+    from pgstate import InvalidInput
+    from pgstate.fold import snapshot_text
+
+    assert snapshot_text({"total": 9.99e15})  # below the line: stored as it is
+    with pytest.raises(InvalidInput, match="comes back from the database as an int"):
+        snapshot_text({"total": value})

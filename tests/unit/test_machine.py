@@ -1099,3 +1099,22 @@ def test_timeout_edge_may_not_have_a_guard() -> None:
             waiting = State(initial=True, timeout=timedelta(seconds=5), on_timeout="expire")
             expired = State(final=True)
             expire = waiting.to(expired, guard=Guard(actor_kinds=["worker"]))
+
+
+def test_a_key_given_twice_in_a_document_is_refused() -> None:
+    from pgstate.machine import machine_from_json, machine_from_yaml
+
+    document = """
+name: Twice
+initial: working
+states:
+  working: {timeout: 5m, on_timeout: give_up}
+  working: {}
+  gone: {final: true}
+transitions:
+  give_up: {from: working, to: gone}
+"""
+    with pytest.raises(MachineDefinitionError, match="'working' appears twice"):
+        machine_from_yaml(document)
+    with pytest.raises(MachineDefinitionError, match="'name' appears twice"):
+        machine_from_json('{"name": "Ticket", "name": "Other"}')
