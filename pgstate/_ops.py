@@ -163,6 +163,16 @@ def position_params(after: Position | str | None) -> dict[str, Any]:
     return {"tx": str(after.tx), "pos": after.pos}
 
 
+def check_interval(value: object, field: str) -> float:
+    """A number of seconds to pause between polls: more than 0 (0 or less would poll
+    without pause), at most an hour, and not NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise InvalidInput(
+            f"{field} must be a number of seconds in (0, 3600]", detail={"field": field}
+        )
+    return float(value)
+
+
 def checked_wait(position: object, timeout: object) -> Position:
     """The position to wait for (a Position or a 'tx:pos' string), once the timeout is
     known to be a finite number of seconds >= 0: a NaN deadline would never pass."""

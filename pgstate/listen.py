@@ -29,7 +29,6 @@ from pgstate import _ops
 from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
-from pgstate.errors import InvalidInput
 from pgstate.models import Page, Position, RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -85,15 +84,7 @@ class Listener:
         reconnect_delay: float = 0.1,
         wal_wakeups: bool = False,
     ) -> None:
-        if (
-            isinstance(poll_interval, bool)
-            or not isinstance(poll_interval, int | float)
-            or not 0 < poll_interval <= 3600
-        ):
-            raise InvalidInput(
-                "poll_interval must be a number of seconds in (0, 3600]",
-                detail={"field": "poll_interval"},
-            )
+        _ops.check_interval(poll_interval, "poll_interval")
         self.dsn = libpq_dsn(dsn)
         self.wal_wakeups = wal_wakeups
         self.doorbell: WalDoorbell | None = None

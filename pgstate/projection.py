@@ -134,15 +134,7 @@ def _check_worker_settings(page_size: object, max_attempts: object, poll_interva
     _ops.check_limit(page_size, "page_size")
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise InvalidInput("max_attempts must be an int >= 1", detail={"field": "max_attempts"})
-    if (
-        isinstance(poll_interval, bool)
-        or not isinstance(poll_interval, int | float)
-        or not 0 < poll_interval <= 3600
-    ):
-        raise InvalidInput(
-            "poll_interval must be a number of seconds in (0, 3600]",
-            detail={"field": "poll_interval"},
-        )
+    _ops.check_interval(poll_interval, "poll_interval")
 
 
 class ProjectionWorker:
