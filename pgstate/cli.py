@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 
 from pgstate import migrate as migrations
 from pgstate._connect import psycopg_url, resolve_dsn
+from pgstate._ops import check_interval
 from pgstate.config import Settings
 from pgstate.errors import ConnectionLost, InvalidInput, TransientError
 from pgstate.listen import Relay
@@ -80,9 +81,12 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 s: {text!r}")
-    return value
+    try:
+        return check_interval(value, "the interval")  # the bounds the library applies
+    except InvalidInput:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most 3600 s: {text!r}"
+        ) from None
 
 
 def _not_negative_seconds(text: str) -> float:
