@@ -184,8 +184,8 @@ def run_scenario(
     with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
         # Numbered after every ticket there is, finished or not: an earlier run stopped
         # by its deadline leaves some unresolved, and their ids are taken.
-        first = sum(count_by_state(store, conn).values())
-        resolved_before = count_by_state(store, conn).get("resolved", 0)
+        by_state = count_by_state(store, conn)
+        first, resolved_before = sum(by_state.values()), by_state.get("resolved", 0)
         ids = [ticket_id(first + n) for n in range(tickets)]
         for stream_id in ids:
             store.create(stream_id, Ticket, data={"subject": f"request {stream_id}"}, conn=conn)
