@@ -794,13 +794,20 @@ def _compile(cls: type[Machine]) -> _Compiled:
 
     sorted_edges = tuple(sorted(edges, key=lambda e: (e.event, e.source)))
     canonical = _canonical(_definition_dict(cls.name, initials[0], infos, sorted_edges))
+    try:
+        utf8 = canonical.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. "\ud800" in a guard's actor kind) is not Unicode: the
+        # database could not store the definition, nor the hash name it.
+        problem = "a name or guard value contains a lone surrogate, which is not Unicode"
+        raise _error(cls, [problem]) from None
     return _Compiled(
         states=MappingProxyType(infos),
         edges=sorted_edges,
         by_key=MappingProxyType(by_key),
         initial=initials[0],
         canonical_json=canonical,
-        def_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        def_hash=hashlib.sha256(utf8).hexdigest(),
     )
 
 

@@ -1118,3 +1118,20 @@ transitions:
         machine_from_yaml(document)
     with pytest.raises(MachineDefinitionError, match="'name' appears twice"):
         machine_from_json('{"name": "Ticket", "name": "Other"}')
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [{"actor_kinds": ["\ud800"]}, {"payload": {"properties": {"a": {"enum": ["\udfff"]}}}}],
+    ids=["actor-kind", "enum-value"],
+)
+def test_a_lone_surrogate_in_a_guard_is_a_definition_error(guard: dict[str, Any]) -> None:
+    document = {
+        "name": "Surrogates",
+        "states": {"open": {"initial": True}, "shut": {"final": True}},
+        "transitions": [{"event": "close", "from": "open", "to": "shut", "guard": guard}],
+    }
+    with pytest.raises(MachineDefinitionError, match="lone surrogate"):
+        machine_from_dict(document)
+    with pytest.raises(MachineDefinitionError, match="lone surrogate"):
+        machine_from_json(json.dumps(document))
