@@ -178,6 +178,13 @@ class LockTimeout(TransientError):
     sqlstate = "55P03"
 
 
+class PermissionDenied(DatabaseError):
+    """The role lacks the privilege: the operator's calls (``migrate_instances``, the
+    notification mode, ``retry_parked``, ``rebuild``) need ``pgstate_admin``."""
+
+    sqlstate = "42501"
+
+
 class ConnectionLost(DatabaseError):
     """The connection broke. Not a :class:`TransientError`: the outcome of an in-flight
     commit is unknown, so only a request that is idempotent by its ids (the same event ids
@@ -234,6 +241,8 @@ def translate(error: BaseException) -> PgStateError:
                 sqlstate=SerializationFailure.sqlstate,
                 detail={"constraint": diag.constraint_name, "server_message": message},
             )
+        if sqlstate == PermissionDenied.sqlstate:
+            return PermissionDenied(message, sqlstate=sqlstate)
         transient = _TRANSIENT.get(sqlstate or "")
         if transient is not None:
             return transient(message, sqlstate=sqlstate, detail=_parse_detail(diag.message_detail))

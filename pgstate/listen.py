@@ -29,6 +29,7 @@ from pgstate import _ops
 from pgstate._connect import libpq_dsn
 from pgstate._driver import _prepare_adapters
 from pgstate._sql import query
+from pgstate.errors import translate
 from pgstate.models import Page, Position, RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -449,5 +450,9 @@ class Relay:
 
 
 def set_notify_mode(conn: psycopg.Connection[Any], mode: str) -> None:
-    """``commit``: every writing transaction notifies; ``relay``: a :class:`Relay` does."""
-    conn.execute(query("set_notify_mode"), {"mode": mode})
+    """``commit``: every writing transaction notifies; ``relay``: a :class:`Relay` does.
+    An operator's call: the role needs ``pgstate_admin`` (else :class:`PermissionDenied`)."""
+    try:
+        conn.execute(query("set_notify_mode"), {"mode": mode})
+    except psycopg.Error as exc:
+        raise translate(exc) from exc

@@ -34,6 +34,7 @@ from pgstate.errors import (
     InvalidInput,
     LeaseHeld,
     LeaseLost,
+    PermissionDenied,
     TransientError,
     translate,
 )
@@ -208,7 +209,6 @@ class ProjectionWorker:
                     "members": self.members,
                     "owner": self.owner,
                     "ttl_ms": self.ttl_ms,
-                    "force": False,
                 },
             )
         except LeaseHeld:
@@ -480,6 +480,14 @@ async def rebuild(
     conn = await psycopg.AsyncConnection.connect(libpq_dsn(dsn), autocommit=True)
     _prepare_adapters(conn.adapters)
     try:
+        # Checked before the copy, which would otherwise run to its end for nothing.
+        allowed = await (await conn.execute(query("may_take_over_projection"))).fetchone()
+        if allowed is None or not allowed[0]:
+            raise PermissionDenied(
+                "rebuild takes the projection over from its live workers, an operator's"
+                " call: connect as pgstate_admin (or the schema's owner)",
+                sqlstate=PermissionDenied.sqlstate,
+            )
         locked = await (
             await conn.execute(query("try_rebuild_lock"), {"projection": projection.name})
         ).fetchone()
@@ -533,14 +541,13 @@ async def rebuild(
             members = max((int(row[1]) for row in await group.fetchall()), default=1)
             for member in range(members):
                 claimed = await conn.execute(
-                    query("claim_projection"),
+                    query("take_over_projection"),
                     {
                         "projection": projection.name,
                         "member": member,
                         "members": members,
                         "owner": owner_name,
                         "ttl_ms": ttl_ms,
-                        "force": True,
                     },
                 )
                 claim_row = await claimed.fetchone()

@@ -53,7 +53,12 @@ SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '
 -- name: claim_projection
 SELECT o_epoch, o_tx, o_pos
   FROM pgstate.claim_projection_v1(%(projection)s, %(member)s, %(members)s, %(owner)s,
-                                   %(ttl_ms)s::bigint, %(force)s)
+                                   %(ttl_ms)s::bigint, false)
+
+-- name: take_over_projection
+SELECT o_epoch, o_tx, o_pos
+  FROM pgstate.take_over_projection_v1(%(projection)s, %(member)s, %(members)s, %(owner)s,
+                                       %(ttl_ms)s::bigint)
 
 -- name: save_checkpoint
 SELECT pgstate.save_checkpoint_v1(%(projection)s, %(member)s, %(epoch)s::bigint,
@@ -122,5 +127,9 @@ SELECT pgstate.fence_projection_v1(%(projection)s, %(member)s, %(epoch)s::bigint
 
 -- One rebuild of a projection at a time: a session lock held for the whole rebuild (it
 -- writes one shadow table), released when its connection closes.
+-- name: may_take_over_projection
+SELECT has_function_privilege(
+           'pgstate.take_over_projection_v1(text, integer, integer, text, bigint)', 'EXECUTE')
+
 -- name: try_rebuild_lock
 SELECT pg_try_advisory_lock(hashtextextended('pgstate-rebuild/' || %(projection)s, 0))

@@ -77,8 +77,9 @@ CREATE TABLE pgstate.parked_events (
     PRIMARY KEY (projection, tx, pos)
 );
 
--- p_force takes the checkpoint over from a live owner (rebuilds do), fencing it by epoch.
-CREATE FUNCTION pgstate.claim_projection_v1(p_projection text, p_member integer,
+-- Internal: the claim of claim_projection_v1 and take_over_projection_v1. p_force takes
+-- the checkpoint over from a live owner (rebuilds do), fencing it by epoch.
+CREATE FUNCTION pgstate.claim_projection(p_projection text, p_member integer,
     p_members integer, p_owner text, p_ttl_ms bigint, p_force boolean,
     OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -133,6 +134,37 @@ BEGIN
     o_tx := v_row.tx;
     o_pos := v_row.pos;
 END;
+$$;
+
+CREATE FUNCTION pgstate.claim_projection_v1(p_projection text, p_member integer,
+    p_members integer, p_owner text, p_ttl_ms bigint, p_force boolean,
+    OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF coalesce(p_force, false) THEN
+        RAISE EXCEPTION 'taking a projection over from a live worker is an operator call: '
+                        'take_over_projection_v1, as pgstate_admin'
+            USING ERRCODE = '42501';
+    END IF;
+    SELECT c.o_epoch, c.o_tx, c.o_pos INTO o_epoch, o_tx, o_pos
+      FROM pgstate.claim_projection(p_projection, p_member, p_members, p_owner, p_ttl_ms,
+                                    false) c;
+END;
+$$;
+
+-- A rebuild's claim: the checkpoint is taken from any live owner, whose next page is then
+-- refused by its stale epoch.
+CREATE FUNCTION pgstate.take_over_projection_v1(p_projection text, p_member integer,
+    p_members integer, p_owner text, p_ttl_ms bigint,
+    OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.o_epoch, c.o_tx, c.o_pos
+      FROM pgstate.claim_projection(p_projection, p_member, p_members, p_owner, p_ttl_ms,
+                                    true) c;
 $$;
 
 -- Advance a checkpoint: only forward, only by the current epoch's owner. Call it in
