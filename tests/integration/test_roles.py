@@ -41,6 +41,17 @@ def worker_machine(name: str, *, second: bool) -> type[Machine]:
     return type("Worker", (Machine,), namespace)
 
 
+def busy_job_with_a_second_version(store: Store) -> str:
+    """Registers a machine of its own, puts instance job-1 in 'busy' on version 1, then
+    registers version 2; returns the machine's name."""
+    name = f"Worker{uuid.uuid4().hex[:8]}"
+    store.register(worker_machine(name, second=False))
+    store.create("job-1", name)
+    store.transition("job-1", "start")
+    store.register(worker_machine(name, second=True))
+    return name
+
+
 def role_exists(connection: psycopg.Connection[Any], role: str) -> bool:
     row = connection.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,))
     found = row.fetchone()
@@ -84,11 +95,7 @@ def state_of_the_catalog(fresh_db: str) -> list[tuple[Any, ...]]:
 def test_the_writer_role_may_not_make_the_operators_calls(
     fresh_store: Store, fresh_db: str, as_role: Any, call: str
 ) -> None:
-    name = f"Worker{uuid.uuid4().hex[:8]}"
-    fresh_store.register(worker_machine(name, second=False))
-    fresh_store.create("job-1", name)
-    fresh_store.transition("job-1", "start")
-    fresh_store.register(worker_machine(name, second=True))
+    name = busy_job_with_a_second_version(fresh_store)
     before = state_of_the_catalog(fresh_db)
     writer = as_role("pgstate_writer")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -99,11 +106,7 @@ def test_the_writer_role_may_not_make_the_operators_calls(
 def test_refusals_reach_the_api_as_permission_denied(
     fresh_store: Store, fresh_db: str, as_role: Any
 ) -> None:
-    name = f"Worker{uuid.uuid4().hex[:8]}"
-    fresh_store.register(worker_machine(name, second=False))
-    fresh_store.create("job-1", name)
-    fresh_store.transition("job-1", "start")
-    fresh_store.register(worker_machine(name, second=True))
+    name = busy_job_with_a_second_version(fresh_store)
     before = state_of_the_catalog(fresh_db)
     writer = as_role("pgstate_writer")
     with pytest.raises(PermissionDenied) as refused:
@@ -132,11 +135,7 @@ def test_the_writer_role_keeps_what_the_application_needs(fresh_store: Store, as
 
 
 def test_the_admin_role_makes_the_operators_calls(fresh_store: Store, as_role: Any) -> None:
-    name = f"Worker{uuid.uuid4().hex[:8]}"
-    fresh_store.register(worker_machine(name, second=False))
-    fresh_store.create("job-1", name)
-    fresh_store.transition("job-1", "start")
-    fresh_store.register(worker_machine(name, second=True))
+    name = busy_job_with_a_second_version(fresh_store)
     admin = as_role("pgstate_admin")
     assert fresh_store.migrate_instances(name, 1, 2, {"busy": "working"}, conn=admin) == 1
     head = fresh_store.stream_state("job-1")
