@@ -7,23 +7,166 @@
 -- sweeper and registrations need.
 --
 -- The forced claim was a parameter of the workers' own claim; it is now its own function,
--- take_over_projection_v1, over the body both share (claim_projection, internal).
+-- take_over_projection_v1. Both share a new internal function, claim_projection, which
+-- starts with no grants (renaming the old function would have carried its grants along).
+--
+-- A NULL epoch (or position) no longer passes the fencing checks of renew_lease_v1,
+-- release_lease_v1, save_checkpoint_v1 and fence_projection_v1: the comparisons were "<>",
+-- which a NULL turns into NULL, so the refusal was skipped. save_checkpoint_v1 and
+-- fence_projection_v1 check the lease's TTL as claims do (1 ms to 24 h).
 
+-- CREATE ROLE ... IN ROLE needs ADMIN on pgstate_writer since PostgreSQL 16, which a
+-- CREATEROLE migrator lacks if another role created pgstate_writer: then there is no
+-- pgstate_admin, and the operator's calls stay with the owner.
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user
                  AND (rolsuper OR rolcreaterole))
        AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer')
        AND NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_admin') THEN
-        CREATE ROLE pgstate_admin NOLOGIN IN ROLE pgstate_writer;
+        BEGIN
+            CREATE ROLE pgstate_admin NOLOGIN IN ROLE pgstate_writer;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE NOTICE 'pgstate_admin not created: %', SQLERRM;
+        END;
     END IF;
 END;
 $$;
 
-ALTER FUNCTION pgstate.claim_projection_v1(text, integer, integer, text, bigint, boolean)
-    RENAME TO claim_projection;
+CREATE FUNCTION pgstate.check_lease_ttl(p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_ttl_ms IS NULL OR p_ttl_ms NOT BETWEEN 1 AND 86400000 THEN
+        PERFORM pgstate.raise_error('SM012', 'lease ttl must be 1 ms to 24 h',
+            jsonb_build_object('field', 'ttl'));
+    END IF;
+END;
+$$;
 
-CREATE FUNCTION pgstate.claim_projection_v1(p_projection text, p_member integer,
+CREATE OR REPLACE FUNCTION pgstate.check_lease_args(p_owner text, p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
+        PERFORM pgstate.raise_error('SM012', 'lease owner must be 1 to 200 characters',
+            jsonb_build_object('field', 'owner'));
+    END IF;
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.renew_lease_v1(p_tenant text, p_stream_id text, p_owner text,
+    p_epoch bigint, p_ttl_ms bigint, OUT o_epoch bigint, OUT o_expires_at timestamptz,
+    OUT o_version bigint, OUT o_state text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    v_head pgstate.streams%ROWTYPE;
+    v_now  timestamptz;
+BEGIN
+    PERFORM pgstate.check_lease_args(p_owner, p_ttl_ms);
+    v_head := pgstate.lease_head(p_tenant, p_stream_id);
+    v_now := clock_timestamp();
+    -- IS DISTINCT FROM: a NULL epoch must be refused, not make the test NULL.
+    IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch IS DISTINCT FROM p_epoch
+       OR v_head.lease_expires_at <= v_now THEN
+        PERFORM pgstate.raise_error('SM005',
+            format('%s no longer holds lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
+    o_epoch := p_epoch;
+    o_expires_at := v_now + make_interval(secs => p_ttl_ms / 1000.0);
+    o_version := v_head.version;
+    o_state := v_head.state;
+    UPDATE pgstate.streams SET lease_expires_at = o_expires_at
+     WHERE tenant = p_tenant AND stream_id = p_stream_id;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.release_lease_v1(p_tenant text, p_stream_id text, p_owner text,
+    p_epoch bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    v_head pgstate.streams%ROWTYPE;
+BEGIN
+    PERFORM pgstate.check_lease_args(p_owner, 1);
+    -- Not lease_head: a lease may be given up on a finished instance too.
+    v_head := pgstate.locked_head(p_tenant, p_stream_id);
+    IF v_head.lease_owner IS DISTINCT FROM p_owner
+       OR v_head.lease_epoch IS DISTINCT FROM p_epoch THEN
+        PERFORM pgstate.raise_error('SM005',
+            format('%s does not hold lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
+            pgstate.head_json(p_tenant, p_stream_id));
+    END IF;
+    UPDATE pgstate.streams SET lease_owner = NULL, lease_expires_at = NULL
+     WHERE tenant = p_tenant AND stream_id = p_stream_id;
+END;
+$$;
+
+-- Internal: the claim of claim_projection_v1 and take_over_projection_v1. p_force takes
+-- the checkpoint over from a live owner (rebuilds do), fencing it by epoch.
+CREATE FUNCTION pgstate.claim_projection(p_projection text, p_member integer,
+    p_members integer, p_owner text, p_ttl_ms bigint, p_force boolean,
+    OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row pgstate.checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    PERFORM pgstate.check_lease_args(p_owner, p_ttl_ms);
+    IF p_projection IS NULL OR length(p_projection) NOT BETWEEN 1 AND 200
+       OR p_members IS NULL OR p_members < 1 OR p_member IS NULL
+       OR p_member < 0 OR p_member >= p_members THEN
+        PERFORM pgstate.raise_error('SM012', 'projection name, member and members are invalid',
+            jsonb_build_object('field', 'projection'));
+    END IF;
+    -- One group size per projection: members of different splits would handle the same
+    -- stream twice. The lock makes the check and the insert one step.
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-projection/' || p_projection, 0));
+    IF EXISTS (SELECT 1 FROM pgstate.checkpoints c
+                WHERE c.projection = p_projection AND c.members <> p_members) THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('projection %s already runs with another number of members', p_projection),
+            jsonb_build_object('field', 'members', 'projection', p_projection));
+    END IF;
+    INSERT INTO pgstate.checkpoints (projection, member, members)
+    VALUES (p_projection, p_member, p_members)
+    ON CONFLICT (projection, member) DO NOTHING;
+    SELECT * INTO v_row FROM pgstate.checkpoints c
+     WHERE c.projection = p_projection AND c.member = p_member FOR UPDATE;
+    IF v_row.members <> p_members THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('projection %s runs with %s members, not %s', p_projection, v_row.members,
+                   p_members),
+            jsonb_build_object('field', 'members', 'members', v_row.members));
+    END IF;
+    IF v_row.owner IS NOT NULL AND v_row.owner <> p_owner AND v_row.lease_expires_at > v_now
+       AND NOT coalesce(p_force, false) THEN
+        PERFORM pgstate.raise_error('SM010',
+            format('%s holds projection %s member %s', v_row.owner, p_projection, p_member),
+            jsonb_build_object('projection', p_projection, 'member', p_member,
+                               'lease_owner', v_row.owner, 'lease_epoch', v_row.epoch,
+                               'lease_expires_at', v_row.lease_expires_at));
+    END IF;
+    o_epoch := CASE WHEN v_row.owner = p_owner AND v_row.lease_expires_at > v_now
+                    THEN v_row.epoch ELSE v_row.epoch + 1 END;
+    UPDATE pgstate.checkpoints
+       SET owner = p_owner, epoch = o_epoch,
+           lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0),
+           updated_at = v_now
+     WHERE projection = p_projection AND member = p_member;
+    o_tx := v_row.tx;
+    o_pos := v_row.pos;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.claim_projection_v1(p_projection text, p_member integer,
     p_members integer, p_owner text, p_ttl_ms bigint, p_force boolean,
     OUT o_epoch bigint, OUT o_tx xid8, OUT o_pos bigint)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -54,18 +197,92 @@ AS $$
                                     true) c;
 $$;
 
-REVOKE ALL ON FUNCTION pgstate.claim_projection_v1(text, integer, integer, text, bigint, boolean),
+-- Advance a checkpoint: only forward, only by the current epoch's owner. Call it in
+-- the transaction that wrote the projection's rows, so both commit or neither does.
+CREATE OR REPLACE FUNCTION pgstate.save_checkpoint_v1(p_projection text, p_member integer, p_epoch bigint,
+    p_tx xid8, p_pos bigint, p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row pgstate.checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO v_row FROM pgstate.checkpoints c
+     WHERE c.projection = p_projection AND c.member = p_member FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM pgstate.raise_error('SM001', format('no projection %s member %s', p_projection, p_member),
+            jsonb_build_object('projection', p_projection, 'member', p_member));
+    END IF;
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
+    IF p_tx IS NULL OR p_pos IS NULL THEN
+        PERFORM pgstate.raise_error('SM012', 'a checkpoint needs a position',
+            jsonb_build_object('field', 'position'));
+    END IF;
+    -- The epoch fences, not the clock: a worker whose page outlasted its lease still owns
+    -- the checkpoint if nobody claimed it since (its fence has held the row all along), and
+    -- refusing it would roll back every long page forever. A NULL epoch is refused too.
+    IF v_row.epoch IS DISTINCT FROM p_epoch THEN
+        PERFORM pgstate.raise_error('SM005',
+            format('projection %s member %s: epoch %s is stale (current %s)',
+                   p_projection, p_member, p_epoch, v_row.epoch),
+            jsonb_build_object('projection', p_projection, 'member', p_member,
+                               'lease_owner', v_row.owner, 'lease_epoch', v_row.epoch));
+    END IF;
+    IF (p_tx, p_pos) < (v_row.tx, v_row.pos) THEN
+        PERFORM pgstate.raise_error('SM012',
+            format('checkpoint of %s may not move back from %s:%s to %s:%s', p_projection,
+                   v_row.tx, v_row.pos, p_tx, p_pos),
+            jsonb_build_object('field', 'position'));
+    END IF;
+    UPDATE pgstate.checkpoints
+       SET tx = p_tx, pos = p_pos, updated_at = v_now,
+           lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0)
+     WHERE projection = p_projection AND member = p_member;
+END;
+$$;
+
+-- The first statement of every page a worker applies (and its renewal while idle): lock
+-- the checkpoint row, check that this worker still owns it with a live lease and that the
+-- checkpoint is where the page starts, and extend the lease. Taking the checkpoint row
+-- before touching any projection table gives every writer (workers, rebuild) one lock order.
+CREATE OR REPLACE FUNCTION pgstate.fence_projection_v1(p_projection text, p_member integer,
+    p_epoch bigint, p_tx xid8, p_pos bigint, p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row pgstate.checkpoints%ROWTYPE;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
+    SELECT * INTO v_row FROM pgstate.checkpoints c
+     WHERE c.projection = p_projection AND c.member = p_member FOR UPDATE;
+    -- IS DISTINCT FROM: a NULL epoch or position must be refused, not make the test NULL.
+    IF NOT FOUND OR v_row.epoch IS DISTINCT FROM p_epoch OR v_row.lease_expires_at <= v_now
+       OR (v_row.tx, v_row.pos) IS DISTINCT FROM (p_tx, p_pos) THEN
+        PERFORM pgstate.raise_error('SM005',
+            format('projection %s member %s: epoch %s no longer owns the checkpoint at %s:%s',
+                   p_projection, p_member, p_epoch, p_tx, p_pos),
+            jsonb_build_object('projection', p_projection, 'member', p_member,
+                               'lease_owner', v_row.owner, 'lease_epoch', v_row.epoch));
+    END IF;
+    UPDATE pgstate.checkpoints
+       SET lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0)
+     WHERE projection = p_projection AND member = p_member;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION pgstate.check_lease_ttl(bigint),
+    pgstate.claim_projection(text, integer, integer, text, bigint, boolean),
     pgstate.take_over_projection_v1(text, integer, integer, text, bigint)
     FROM PUBLIC;
 
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
-        GRANT EXECUTE ON FUNCTION
-            pgstate.claim_projection_v1(text, integer, integer, text, bigint, boolean)
-            TO pgstate_writer;
+        GRANT EXECUTE ON FUNCTION pgstate.check_lease_ttl(bigint) TO pgstate_writer;
         REVOKE EXECUTE ON FUNCTION
-            pgstate.claim_projection(text, integer, integer, text, bigint, boolean),
             pgstate.migrate_instances_v1(text, text, integer, integer, jsonb, jsonb, text,
                                          integer),
             pgstate.set_notify_mode_v1(text),

@@ -44,6 +44,16 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION pgstate.check_lease_ttl(p_ttl_ms bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_ttl_ms IS NULL OR p_ttl_ms NOT BETWEEN 1 AND 86400000 THEN
+        PERFORM pgstate.raise_error('SM012', 'lease ttl must be 1 ms to 24 h',
+            jsonb_build_object('field', 'ttl'));
+    END IF;
+END;
+$$;
+
 CREATE FUNCTION pgstate.check_lease_args(p_owner text, p_ttl_ms bigint) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
@@ -51,10 +61,7 @@ BEGIN
         PERFORM pgstate.raise_error('SM012', 'lease owner must be 1 to 200 characters',
             jsonb_build_object('field', 'owner'));
     END IF;
-    IF p_ttl_ms IS NULL OR p_ttl_ms NOT BETWEEN 1 AND 86400000 THEN
-        PERFORM pgstate.raise_error('SM012', 'lease ttl must be 1 ms to 24 h',
-            jsonb_build_object('field', 'ttl'));
-    END IF;
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
 END;
 $$;
 
@@ -105,7 +112,8 @@ BEGIN
     PERFORM pgstate.check_lease_args(p_owner, p_ttl_ms);
     v_head := pgstate.lease_head(p_tenant, p_stream_id);
     v_now := clock_timestamp();
-    IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch <> p_epoch
+    -- IS DISTINCT FROM: a NULL epoch must be refused, not make the test NULL.
+    IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch IS DISTINCT FROM p_epoch
        OR v_head.lease_expires_at <= v_now THEN
         PERFORM pgstate.raise_error('SM005',
             format('%s no longer holds lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
@@ -132,7 +140,8 @@ BEGIN
     PERFORM pgstate.check_lease_args(p_owner, 1);
     -- Not lease_head: a lease may be given up on a finished instance too.
     v_head := pgstate.locked_head(p_tenant, p_stream_id);
-    IF v_head.lease_owner IS DISTINCT FROM p_owner OR v_head.lease_epoch <> p_epoch THEN
+    IF v_head.lease_owner IS DISTINCT FROM p_owner
+       OR v_head.lease_epoch IS DISTINCT FROM p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
             format('%s does not hold lease epoch %s on %s', p_owner, p_epoch, p_stream_id),
             pgstate.head_json(p_tenant, p_stream_id));

@@ -184,10 +184,15 @@ BEGIN
         PERFORM pgstate.raise_error('SM001', format('no projection %s member %s', p_projection, p_member),
             jsonb_build_object('projection', p_projection, 'member', p_member));
     END IF;
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
+    IF p_tx IS NULL OR p_pos IS NULL THEN
+        PERFORM pgstate.raise_error('SM012', 'a checkpoint needs a position',
+            jsonb_build_object('field', 'position'));
+    END IF;
     -- The epoch fences, not the clock: a worker whose page outlasted its lease still owns
     -- the checkpoint if nobody claimed it since (its fence has held the row all along), and
-    -- refusing it would roll back every long page forever.
-    IF v_row.epoch <> p_epoch THEN
+    -- refusing it would roll back every long page forever. A NULL epoch is refused too.
+    IF v_row.epoch IS DISTINCT FROM p_epoch THEN
         PERFORM pgstate.raise_error('SM005',
             format('projection %s member %s: epoch %s is stale (current %s)',
                    p_projection, p_member, p_epoch, v_row.epoch),
@@ -220,10 +225,12 @@ DECLARE
     v_row pgstate.checkpoints%ROWTYPE;
     v_now timestamptz := clock_timestamp();
 BEGIN
+    PERFORM pgstate.check_lease_ttl(p_ttl_ms);
     SELECT * INTO v_row FROM pgstate.checkpoints c
      WHERE c.projection = p_projection AND c.member = p_member FOR UPDATE;
-    IF NOT FOUND OR v_row.epoch <> p_epoch OR v_row.lease_expires_at <= v_now
-       OR (v_row.tx, v_row.pos) <> (p_tx, p_pos) THEN
+    -- IS DISTINCT FROM: a NULL epoch or position must be refused, not make the test NULL.
+    IF NOT FOUND OR v_row.epoch IS DISTINCT FROM p_epoch OR v_row.lease_expires_at <= v_now
+       OR (v_row.tx, v_row.pos) IS DISTINCT FROM (p_tx, p_pos) THEN
         PERFORM pgstate.raise_error('SM005',
             format('projection %s member %s: epoch %s no longer owns the checkpoint at %s:%s',
                    p_projection, p_member, p_epoch, p_tx, p_pos),

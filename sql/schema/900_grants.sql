@@ -14,8 +14,14 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_writer') THEN
             CREATE ROLE pgstate_writer NOLOGIN IN ROLE pgstate_reader;
         END IF;
+        -- IN ROLE needs ADMIN on pgstate_writer since PostgreSQL 16, which a CREATEROLE
+        -- migrator lacks if another role created pgstate_writer.
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgstate_admin') THEN
-            CREATE ROLE pgstate_admin NOLOGIN IN ROLE pgstate_writer;
+            BEGIN
+                CREATE ROLE pgstate_admin NOLOGIN IN ROLE pgstate_writer;
+            EXCEPTION WHEN insufficient_privilege THEN
+                RAISE NOTICE 'pgstate_admin not created: %', SQLERRM;
+            END;
         END IF;
     END IF;
 END;

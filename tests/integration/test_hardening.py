@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgstate import IdempotencyKeyReused, InvalidInput, NewEvent, Store
+from pgstate import IdempotencyKeyReused, InvalidInput, NewEvent, PgStateError, Store
 from pgstate._connect import libpq_dsn
 from pgstate.errors import translate
 from pgstate.fold import Fold
@@ -27,7 +27,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-def server_error(dsn: str, statement: str, params: tuple[Any, ...]) -> Exception:
+def server_error(dsn: str, statement: str, params: tuple[Any, ...]) -> PgStateError:
     """The pgstate error a statement ends in, run straight on the server."""
     with psycopg.connect(libpq_dsn(dsn)) as conn, pytest.raises(psycopg.Error) as caught:
         conn.execute(statement, params)
@@ -196,3 +196,72 @@ def test_setting_the_notify_mode_repairs_a_trigger_the_config_disagrees_with(
             " WHERE tgrelid = 'pgstate.events'::regclass AND tgname = 'events_notify'"
         ).fetchone()
     assert state == ("D",)
+
+
+FENCED_CALLS = {
+    "save_checkpoint, no epoch": (
+        "SELECT pgstate.save_checkpoint_v1(%s, 0, NULL, '9'::xid8, 9, 60000)",
+        "SM005",
+    ),
+    "save_checkpoint, no position": (
+        "SELECT pgstate.save_checkpoint_v1(%s, 0, 1, NULL, NULL, 60000)",
+        "SM012",
+    ),
+    "save_checkpoint, a century's lease": (
+        "SELECT pgstate.save_checkpoint_v1(%s, 0, 1, '9'::xid8, 9, 3153600000000)",
+        "SM012",
+    ),
+    "fence, no epoch": (
+        "SELECT pgstate.fence_projection_v1(%s, 0, NULL, '0'::xid8, 0, 60000)",
+        "SM005",
+    ),
+    "fence, no position": (
+        "SELECT pgstate.fence_projection_v1(%s, 0, 1, NULL, NULL, 60000)",
+        "SM005",
+    ),
+    "fence, a century's lease": (
+        "SELECT pgstate.fence_projection_v1(%s, 0, 1, '0'::xid8, 0, 3153600000000)",
+        "SM012",
+    ),
+}
+
+
+@pytest.mark.parametrize("call", sorted(FENCED_CALLS))
+def test_a_projection_fence_refuses_null_epochs_positions_and_endless_leases(
+    store: Store, pgstate_db: str, call: str
+) -> None:
+    projection = unique("fenced")
+    statement, sqlstate = FENCED_CALLS[call]
+    with psycopg.connect(libpq_dsn(pgstate_db), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pgstate.claim_projection_v1(%s, 0, 1, 'worker-1', 60000, false)",
+            (projection,),
+        )
+        checkpoint = "SELECT owner, epoch, tx::text, pos, lease_expires_at FROM pgstate.checkpoints"
+        before = conn.execute(f"{checkpoint} WHERE projection = %s", (projection,)).fetchall()
+    error = server_error(pgstate_db, statement, (projection,))
+    assert error.sqlstate == sqlstate
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
+        after = conn.execute(f"{checkpoint} WHERE projection = %s", (projection,)).fetchall()
+    assert after == before and before[0][:2] == ("worker-1", 1)
+
+
+@pytest.mark.parametrize("call", ["renew_lease_v1", "release_lease_v1"])
+def test_a_stream_lease_refuses_a_null_epoch(store: Store, pgstate_db: str, call: str) -> None:
+    class Leased(Machine):
+        name = "LeasedForNullEpochs"
+        open = State(initial=True)
+        shut = State(final=True)
+        close = open.to(shut)
+
+    store.register(Leased)
+    stream = unique("leased-")
+    store.create(stream, Leased)
+    store.acquire_lease(stream, "w1", timedelta(seconds=30))
+    before = store.stream_state(stream)
+    statement = {
+        "renew_lease_v1": "SELECT * FROM pgstate.renew_lease_v1('default', %s, 'w1', NULL, 1000)",
+        "release_lease_v1": "SELECT pgstate.release_lease_v1('default', %s, 'w1', NULL)",
+    }[call]
+    assert server_error(pgstate_db, statement, (stream,)).sqlstate == "SM005"
+    assert store.stream_state(stream) == before

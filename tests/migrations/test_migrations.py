@@ -738,3 +738,46 @@ def test_migrations_on_one_event_loop_never_block_it(empty_db: str) -> None:
     assert not runner.is_alive(), "a migration blocked its own event loop"
     assert len(refusals) == 1 and "await AsyncStore.migrate()" in refusals[0]
     assert installed_revision(empty_db) == head()
+
+
+def test_0012_leaves_other_grantees_the_workers_claim_and_no_forced_one(empty_db: str) -> None:
+    """A role granted the workers' claim directly before 0012 keeps it after the upgrade, and
+    gets neither the forced claim nor the internal function both now share."""
+    role = f"pgstate_test_grantee_{os.getpid()}"
+    engine = engine_for(empty_db)
+    try:
+        upgrade(engine, "pgstate_0011")
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {role} NOLOGIN".encode())  # a name of the test's own
+            conn.execute(f"GRANT USAGE ON SCHEMA pgstate TO {role}".encode())
+            conn.execute(
+                f"GRANT EXECUTE ON FUNCTION pgstate.claim_projection_v1(text, integer, integer,"
+                f" text, bigint, boolean) TO {role}".encode()
+            )
+        upgrade(engine)
+        assert current(engine) == head()
+    finally:
+        engine.dispose()
+    try:
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            conn.execute(f"SET ROLE {role}".encode())
+            claimed = conn.execute(
+                "SELECT o_epoch FROM pgstate.claim_projection_v1('p', 0, 1, 'w1', 60000, false)"
+            ).fetchone()
+            assert claimed == (1,)
+            for forced in (
+                "SELECT * FROM pgstate.claim_projection_v1('p', 0, 1, 'w2', 60000, true)",
+                "SELECT * FROM pgstate.claim_projection('p', 0, 1, 'w2', 60000, true)",
+                "SELECT * FROM pgstate.take_over_projection_v1('p', 0, 1, 'w2', 60000)",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(forced.encode())
+            conn.execute("RESET ROLE")
+            owner = conn.execute(
+                "SELECT owner, epoch FROM pgstate.checkpoints WHERE projection = 'p'"
+            ).fetchone()
+            assert owner == ("w1", 1)
+    finally:
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+            conn.execute(f"DROP ROLE {role}".encode())
