@@ -112,6 +112,23 @@ class EmbeddedPostgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
 
+    def crash_restart(self) -> None:
+        """Stop the server the way a crash does (no shutdown checkpoint, unflushed log
+        lost) and start it again: it recovers from its write-ahead log."""
+        self._run(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.root / "server.log"),
+                "-m",
+                "immediate",
+                "-w",
+                "restart",
+            ]
+        )
+
     def shut_down(self) -> None:
         """Stop the server and keep its data directory (for single-user runs on it)."""
         self.started = False

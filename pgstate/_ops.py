@@ -495,19 +495,17 @@ def _page(rows: list[Row], after: Position | str | None) -> Page:
     return Page(events, after)
 
 
-# The highest pos a position can have: (tx, LAST_POS) is after every event of tx.
-LAST_POS = 2**63 - 1
-
-
 def _filtered_page(rows: list[Row], after: Position | str | None, limit: int) -> Page:
-    """A page of a type-filtered read, whose rows carry the statement's horizon last (and
-    a single row without an event when nothing matched). A page short of the limit saw
-    every event below the horizon, matched or not, so its cursor moves past them all."""
-    horizon = int(rows[0][-1])
-    page = _page([row[:-1] for row in rows if row[0] is not None], after)
-    if len(page.events) == limit or horizon == 0:
+    """A page of a type-filtered read, whose rows carry last the newest event stored below
+    the statement's horizon (and a single row without an event when nothing matched). A
+    page short of the limit saw every event up to that one, matched or not, so its cursor
+    moves there."""
+    scanned_tx, scanned_pos = rows[0][-2], rows[0][-1]
+    page = _page([row[:-2] for row in rows if row[0] is not None], after)
+    if len(page.events) == limit or scanned_tx is None:
         return page
-    scanned = Position(horizon - 1, LAST_POS)
+    scanned = Position(int(scanned_tx), scanned_pos)
+    # The cursor never moves back (an empty page keeps the caller's ``after``).
     if page.last_position is not None and page.last_position >= scanned:
         return page
     return Page(page.events, scanned)

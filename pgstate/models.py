@@ -203,8 +203,9 @@ class AppendResult:
 class Page:
     """A page of the global log. Pass ``last_position`` as ``after`` to get the next one.
     It is the last event's position, except after a type-filtered read that came back
-    short of its limit: then it is the point the read scanned to, past the events the
-    filter skipped (a cursor, not an event's position)."""
+    short of its limit: then it is the position of the newest event the read scanned past
+    (of another type, category or tenant), so the next read skips what the filter
+    skipped."""
 
     events: list[RecordedEvent]
     last_position: Position | None

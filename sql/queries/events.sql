@@ -50,13 +50,19 @@ SELECT * FROM pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint, %(l
                                    NULL)
 
 
--- A filtered read also returns its statement's horizon (the oldest transaction still
--- running, below which the read saw every row), in one row with no event when nothing
--- matched: a page short of the limit lets the cursor move up to the horizon, so the next
--- read does not scan again the events the filter skipped.
+-- A filtered read also returns the newest event stored below its statement's horizon (the
+-- oldest transaction still running, below which the read saw every row), whatever its type,
+-- category or tenant, in one row with no event when nothing matched: a page short of the
+-- limit lets the cursor move up to that event, so the next read does not scan again the
+-- events the filter skipped. Not up to the horizon itself: transaction ids between the
+-- newest stored event and the horizon may have ended without a durable record (a rollback,
+-- a refused append), and after a crash the server hands them out again to new events.
 -- name: read_all_types
-SELECT r.*, w.horizon
-  FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) w
+SELECT r.*, w.tx, w.pos
+  FROM (SELECT 1) one
+  LEFT JOIN LATERAL (SELECT e.tx, e.pos FROM pgstate.events e
+                      WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())
+                      ORDER BY e.tx DESC, e.pos DESC LIMIT 1) w ON true
   LEFT JOIN LATERAL pgstate.read_all_v1(%(tenant)s, %(tx)s::xid8, %(pos)s::bigint,
                                         %(limit)s::integer, %(types)s::text[]) r ON true
  ORDER BY r.tx, r.pos
@@ -68,8 +74,11 @@ SELECT * FROM pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8, %
 
 
 -- name: read_category_types
-SELECT r.*, w.horizon
-  FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) w
+SELECT r.*, w.tx, w.pos
+  FROM (SELECT 1) one
+  LEFT JOIN LATERAL (SELECT e.tx, e.pos FROM pgstate.events e
+                      WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())
+                      ORDER BY e.tx DESC, e.pos DESC LIMIT 1) w ON true
   LEFT JOIN LATERAL pgstate.read_category_v1(%(tenant)s, %(category)s, %(tx)s::xid8,
                                              %(pos)s::bigint, %(limit)s::integer,
                                              %(types)s::text[]) r ON true
