@@ -101,6 +101,7 @@ class Listener:
         self.reconnect_delay = reconnect_delay
         self.reconnects = 0
         self.conn: psycopg.Connection[Any] | None = None
+        self._listening = False
         self._last_stall_check = 0.0
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -115,10 +116,31 @@ class Listener:
             if self.use_listen:
                 # LISTEN before catching up: a commit during the catch-up still wakes us.
                 conn.execute(query("listen"))
+                self._listening = True
         except BaseException:
             conn.close()  # not yet self.conn: close() would not find it
             raise
         return conn
+
+    def _listen_again(self, conn: psycopg.Connection[Any]) -> None:
+        # After an iteration ended (see _stop_listening), before the catch-up read.
+        if self.use_listen and self.doorbell is None and not self._listening:
+            conn.execute(query("listen"))
+            self._listening = True
+
+    def _stop_listening(self) -> None:
+        """When an iteration ends, the connection stops listening: the server keeps every
+        notification until each listener has read it, so an idle listener would hold the
+        queue back for every writer (with writers notifying, a full queue fails their
+        commits). The next iteration listens again before it catches up."""
+        conn = self.conn
+        if conn is None or not self._listening:
+            return
+        self._listening = False
+        try:
+            conn.execute(query("unlisten"))
+        except psycopg.Error:
+            self.close()
 
     def _read_page(self, conn: psycopg.Connection[Any]) -> Page:
         op = _ops.read_all(self.tenant, self.position, self.page_size, self.types)
@@ -164,10 +186,17 @@ class Listener:
         them, to ``last_position`` once it has consumed a whole page (with ``types``, the
         point the read scanned to). Waits between pages, reconnects (and so catches up)
         after connection loss."""
+        try:
+            yield from self._pages_listening(should_stop)
+        finally:
+            self._stop_listening()
+
+    def _pages_listening(self, should_stop: Callable[[], bool]) -> Iterator[Page]:
         while not should_stop():
             try:
                 if self.conn is None:
                     self.conn = self._connect()
+                self._listen_again(self.conn)
                 # Before the read, never after: a notification that comes between the read
                 # and a drain would be dropped although its event is not on the page.
                 self._drain_notifications(self.conn)
@@ -207,6 +236,7 @@ class Listener:
             yield page.events
 
     def close(self) -> None:
+        self._listening = False
         if self.doorbell is not None:
             self.doorbell.close()
             self.doorbell = None
@@ -254,7 +284,8 @@ class WalDoorbell:
             libpq_dsn(dsn), replication="true", application_name=application_name
         )
         self.pgconn: pq.abc.PGconn | None = None
-        self.selector = selectors.DefaultSelector()
+        # Made by open() and closed by close(): each holds a file descriptor (epoll).
+        self.selector: selectors.BaseSelector | None = None
         self.rings = 0
         self._socket = -1
         self._rang = False
@@ -280,16 +311,17 @@ class WalDoorbell:
             raise
         self.pgconn = pgconn
         self._socket = pgconn.socket  # kept: a lost connection no longer reports it
+        self.selector = selectors.DefaultSelector()
         self.selector.register(self._socket, selectors.EVENT_READ)
 
     def wait(self, timeout: float) -> bool:
         """Whether log arrived within ``timeout`` seconds (all of it is read and dropped)."""
-        pgconn = self.pgconn
-        if pgconn is None:
+        pgconn, selector = self.pgconn, self.selector
+        if pgconn is None or selector is None:
             raise psycopg.OperationalError("the doorbell is closed")
         if self._drain(pgconn):
             return True
-        if not self.selector.select(timeout):
+        if not selector.select(timeout):
             return False
         pgconn.consume_input()
         return self._drain(pgconn)
@@ -329,8 +361,10 @@ class WalDoorbell:
                 pgconn.flush()
 
     def close(self) -> None:
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
         if self.pgconn is not None:
-            self.selector.unregister(self._socket)
             self.pgconn.finish()
             self.pgconn = None
 

@@ -14,6 +14,10 @@
 -- release_lease_v1, save_checkpoint_v1 and fence_projection_v1: the comparisons were "<>",
 -- which a NULL turns into NULL, so the refusal was skipped. save_checkpoint_v1 and
 -- fence_projection_v1 check the lease's TTL as claims do (1 ms to 24 h).
+--
+-- set_notify_mode_v1 takes the table lock its ALTER TABLE needs with NOWAIT, retrying for
+-- up to 5 s: a waiting ALTER TABLE queued every append behind it while any transaction
+-- that wrote the log stayed open.
 
 -- CREATE ROLE ... IN ROLE needs ADMIN on pgstate_writer since PostgreSQL 16, which a
 -- CREATEROLE migrator lacks if another role created pgstate_writer: then there is no
@@ -270,6 +274,50 @@ BEGIN
     UPDATE pgstate.checkpoints
        SET lease_expires_at = v_now + make_interval(secs => p_ttl_ms / 1000.0)
      WHERE projection = p_projection AND member = p_member;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.set_notify_mode_v1(p_mode text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_attempt integer;
+BEGIN
+    IF p_mode NOT IN ('commit', 'relay') THEN
+        PERFORM pgstate.raise_error('SM012', 'notify mode is commit or relay',
+            jsonb_build_object('field', 'mode', 'value', p_mode));
+    END IF;
+    -- Unchanged: nothing to do, and no table lock on the log (ALTER TABLE would hold one
+    -- that stops every append until this transaction ends). The trigger is the truth, not
+    -- the config row: a restore with triggers disabled and enabled again turns it on.
+    IF EXISTS (SELECT 1 FROM pg_trigger t
+                WHERE t.tgrelid = 'pgstate.events'::regclass AND t.tgname = 'events_notify'
+                  AND t.tgenabled = CASE p_mode WHEN 'commit' THEN 'O' ELSE 'D' END)
+       AND EXISTS (SELECT 1 FROM pgstate.config
+                    WHERE key = 'notify_mode' AND value = p_mode) THEN
+        RETURN;
+    END IF;
+    -- The lock ALTER TABLE takes, without queueing for it: a waiting ALTER would stop every
+    -- append behind it for as long as any transaction that wrote the log stays open.
+    FOR v_attempt IN 1..200 LOOP
+        BEGIN
+            LOCK TABLE pgstate.events IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF v_attempt = 200 THEN
+                RAISE EXCEPTION 'the log stayed busy for 5 s: notify mode not changed'
+                    USING ERRCODE = '55P03';
+            END IF;
+            PERFORM pg_sleep(0.025);
+        END;
+    END LOOP;
+    IF p_mode = 'commit' THEN
+        ALTER TABLE pgstate.events ENABLE TRIGGER events_notify;
+    ELSE
+        ALTER TABLE pgstate.events DISABLE TRIGGER events_notify;
+    END IF;
+    UPDATE pgstate.config SET value = p_mode WHERE key = 'notify_mode';
 END;
 $$;
 

@@ -3,6 +3,9 @@
 -- name: listen
 LISTEN pgstate_events
 
+-- name: unlisten
+UNLISTEN pgstate_events
+
 -- name: set_notify_mode
 SELECT pgstate.set_notify_mode_v1(%(mode)s)
 

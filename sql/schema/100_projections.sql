@@ -24,6 +24,8 @@ CREATE FUNCTION pgstate.set_notify_mode_v1(p_mode text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_attempt integer;
 BEGIN
     IF p_mode NOT IN ('commit', 'relay') THEN
         PERFORM pgstate.raise_error('SM012', 'notify mode is commit or relay',
@@ -39,6 +41,20 @@ BEGIN
                     WHERE key = 'notify_mode' AND value = p_mode) THEN
         RETURN;
     END IF;
+    -- The lock ALTER TABLE takes, without queueing for it: a waiting ALTER would stop every
+    -- append behind it for as long as any transaction that wrote the log stays open.
+    FOR v_attempt IN 1..200 LOOP
+        BEGIN
+            LOCK TABLE pgstate.events IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF v_attempt = 200 THEN
+                RAISE EXCEPTION 'the log stayed busy for 5 s: notify mode not changed'
+                    USING ERRCODE = '55P03';
+            END IF;
+            PERFORM pg_sleep(0.025);
+        END;
+    END LOOP;
     IF p_mode = 'commit' THEN
         ALTER TABLE pgstate.events ENABLE TRIGGER events_notify;
     ELSE

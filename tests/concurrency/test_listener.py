@@ -7,8 +7,10 @@ LISTEN and polling in charge."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
+import os
 import random
 import threading
 import time
@@ -539,3 +541,91 @@ def test_a_commit_right_after_a_read_still_wakes_the_listener(fresh_db: str) -> 
         str(early.last_position),
         *committed_after_read,
     ]
+
+
+def listening_channels(listener: Listener) -> list[str]:
+    assert listener.conn is not None
+    return [row[0] for row in listener.conn.execute("SELECT pg_listening_channels()")]
+
+
+def test_a_listener_between_iterations_holds_no_notifications_back(fresh_db: str) -> None:
+    """The server keeps a notification until every listening session has read it, so a
+    listener that is not being iterated stops listening (an idle one would hold the queue
+    back for every writer); the next iteration listens again and misses nothing."""
+    with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+        set_notify_mode(conn, "commit")
+    store = Store(fresh_db)
+    listener = Listener(fresh_db, poll_interval=0.05)
+    try:
+        store.append("q-1", [NewEvent(type="First")])
+        seen: list[str] = []
+        for event in listener.events():
+            seen.append(event.stream_id)
+            assert listening_channels(listener) == ["pgstate_events"]
+            break
+        assert listening_channels(listener) == []
+        written = [store.append(f"q-{n}", [NewEvent(type="Later")]) for n in range(2, 6)]
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            queued = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
+        assert queued == (0.0,)
+        last = written[-1].last_position
+        for event in listener.events(should_stop=lambda: listener.position == last):
+            seen.append(event.stream_id)
+        assert seen == ["q-1", "q-2", "q-3", "q-4", "q-5"]
+    finally:
+        listener.close()
+        store.close()
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            set_notify_mode(conn, "relay")
+
+
+def test_a_closed_doorbell_keeps_no_file_descriptor(log_stream: str) -> None:
+    gc.disable()  # a descriptor held by a reference cycle would wait for the collector
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            doorbell, refusal = open_doorbell(log_stream)
+            assert doorbell is not None, refusal
+            doorbell.close()
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        gc.enable()
+
+
+def test_switching_the_notify_mode_never_holds_appends_back(fresh_db: str) -> None:
+    """While a transaction that wrote the log stays open, a mode switch waits for it
+    without queueing for the table lock, so other appends go on; it switches once the
+    transaction ends."""
+    store = Store(fresh_db)
+    switched = threading.Event()
+    failures: list[BaseException] = []
+
+    def switch() -> None:
+        try:
+            with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+                set_notify_mode(conn, "commit")
+            switched.set()
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    try:
+        with psycopg.connect(libpq_dsn(fresh_db)) as open_writer:
+            store.append("open-1", [NewEvent(type="Held")], conn=open_writer)
+            switcher = threading.Thread(target=switch)
+            switcher.start()
+            time.sleep(0.3)  # the switch is now waiting for the open transaction
+            started = time.monotonic()
+            for n in range(5):
+                store.append(f"free-{n}", [NewEvent(type="Free")])
+            assert time.monotonic() - started < 2.0
+            assert not switched.is_set()
+            open_writer.commit()
+        switcher.join(10)
+        assert failures == [] and switched.is_set()
+        with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+            mode = conn.execute("SELECT value FROM pgstate.config WHERE key = 'notify_mode'")
+            assert mode.fetchone() == ("commit",)
+    finally:
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            set_notify_mode(conn, "relay")
+        store.close()
