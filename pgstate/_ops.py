@@ -339,6 +339,7 @@ def append_many(
     traceparent = optional_text(traceparent, "traceparent", MAX_TRACEPARENT)
     seen: set[str] = set()
     work: list[tuple[str, int, Statement]] = []
+    checks: list[tuple[str, Statement]] = []
     for item in appends:
         stream_id = check_identifier(item.stream_id, "stream_id")
         if stream_id in seen:
@@ -368,20 +369,22 @@ def append_many(
             "stream_id": stream_id,
             "expected": expected_code(condition.expected_version),
         }
-        work.append((stream_id, -1, Statement(query("check_version"), params)))
-    # Every writer locks streams in the same order, so two multi-stream appends never deadlock.
-    work.sort(key=lambda item: item[0])
-    # All locks first, before the first write gives this transaction its id: otherwise a
-    # writer that committed on a later stream meanwhile would be newer, and the append to
-    # that stream would have to be refused to keep readers' per-stream order.
-    yield Statement(
-        query("lock_streams"), {"tenant": tenant, "stream_ids": [item[0] for item in work]}
-    )
+        checks.append((stream_id, Statement(query("check_version"), params)))
+    # Every writer locks streams in the same order, so two multi-stream appends never
+    # deadlock; all locks first, before the first write gives this transaction its id:
+    # otherwise a writer that committed on a later stream meanwhile would be newer, and the
+    # append to that stream would have to be refused to keep readers' per-stream order.
+    yield Statement(query("lock_streams"), {"tenant": tenant, "stream_ids": sorted(seen)})
     results: dict[int, AppendResult] = {}
-    for stream_id, index, statement in work:
+    for stream_id, index, statement in sorted(work, key=lambda item: item[0]):
         rows = yield statement
-        if index >= 0:
-            results[index] = append_result(stream_id, rows[0])
+        results[index] = append_result(stream_id, rows[0])
+    # The conditions after the writes, under the same locks: a retry of a write stored
+    # whole is answered from the log, as its conditions held when it was stored and may
+    # have moved on since (a refusal would say "nothing stored" about a stored write).
+    if not all(result.duplicate for result in results.values()):
+        for _, statement in sorted(checks, key=lambda item: item[0]):
+            yield statement
     return [results[index] for index in range(len(appends))]
 
 

@@ -283,3 +283,27 @@ def test_tenants_are_isolated(store: Store, conn: Connection) -> None:
     assert other.append("ticket-1", opened(2), expected_version=0, conn=conn).version == 2
     assert len(store.read_stream("ticket-1", conn=conn)) == 1
     assert len(other.read_stream("ticket-1", conn=conn)) == 2
+
+
+@pytest.mark.parametrize("condition_stream", ["aaa-policy", "zzz-policy"])
+def test_a_retry_of_a_stored_append_many_is_a_duplicate_after_its_condition_moved_on(
+    fresh_store: Store, condition_stream: str
+) -> None:
+    """Whichever way the streams sort, a retry of a write that was stored (say after a lost
+    connection) gets the stored result, although its condition no longer holds; a new
+    write under that condition is refused and stores nothing."""
+    fresh_store.append(condition_stream, opened())
+    events = opened(2)
+    request = [StreamAppend("mmm-claim", events, ExpectedVersion.NO_STREAM)]
+    conditions = [StreamCondition(condition_stream, 1)]
+    [stored] = fresh_store.append_many(request, conditions=conditions)
+    fresh_store.append(condition_stream, opened(), expected_version=1)
+    [retried] = fresh_store.append_many(request, conditions=conditions)
+    assert retried.duplicate and not stored.duplicate
+    assert (retried.version, retried.last_position) == (stored.version, stored.last_position)
+    with pytest.raises(VersionConflict) as caught:
+        fresh_store.append_many([StreamAppend("mmm-claim", opened(), 2)], conditions=conditions)
+    assert caught.value.stream_id == condition_stream
+    assert [e.event_id for e in fresh_store.read_stream("mmm-claim")] == [
+        e.event_id for e in events
+    ]
