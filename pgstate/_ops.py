@@ -8,6 +8,8 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeVar
 
+from pydantic import ValidationError
+
 from pgstate._json import loads, loads_each
 from pgstate._sql import query
 from pgstate.config import Settings
@@ -111,21 +113,33 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
             f"a batch holds at most {settings.max_batch} events", detail={"field": "events"}
         )
     coerced: list[NewEvent] = []
-    for event in events:
-        if isinstance(event, Mapping):
-            event = NewEvent.model_validate(event)
-        if not isinstance(event, NewEvent):
-            raise InvalidInput("events must be NewEvent instances", detail={"field": "events"})
+    total = 0
+    for given in events:
         try:
-            size = event.encoded_size
-        except ValueError as exc:
-            # A copy made with model_copy(update=...) skips validation: its JSON is checked here.
-            raise InvalidInput(str(exc), detail={"field": "events"}) from None
+            if isinstance(given, Mapping):
+                event = NewEvent.model_validate(given)
+            elif isinstance(given, NewEvent):
+                event = given.validated()
+            else:
+                raise InvalidInput("events must be NewEvent instances", detail={"field": "events"})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InvalidInput(
+                f"invalid event: {first['msg']}",
+                detail={"field": "events", "at": ".".join(str(part) for part in first["loc"])},
+            ) from None
+        size = event.encoded_size
         if size > settings.max_event_bytes:
             raise InvalidInput(
                 f"event {event.type!r} is {size} bytes, over the limit of "
                 f"{settings.max_event_bytes}",
                 detail={"field": "events", "size": size, "limit": settings.max_event_bytes},
+            )
+        total += size
+        if total > settings.max_batch_bytes:
+            raise InvalidInput(
+                f"the batch's events are over {settings.max_batch_bytes} bytes together",
+                detail={"field": "events", "limit": settings.max_batch_bytes},
             )
         coerced.append(event)
     if len({event.event_id for event in coerced}) != len(coerced):

@@ -13,3 +13,5 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", min_length=1, max_length=100)
     max_event_bytes: int = Field(default=1_048_576, ge=1)
     max_batch: int = Field(default=10_000, ge=1, le=10_000)
+    # A batch travels as one protocol message, which the server caps at 1 GB.
+    max_batch_bytes: int = Field(default=512 * 1024 * 1024, ge=1, le=768 * 1024 * 1024)

@@ -15,7 +15,7 @@ from typing import Any
 from pgstate._ops import Row, Statement, check_identifier, records
 from pgstate._sql import query
 from pgstate.errors import InvalidInput
-from pgstate.models import RecordedEvent, encode_json
+from pgstate.models import JSONB_INT_FLOATS, RecordedEvent, encode_json
 
 PAGE = 10_000
 
@@ -94,9 +94,6 @@ def snapshot_text(state: dict[str, Any]) -> str:
 
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
-# From here on Python writes a float in exponent form, which jsonb stores and gives back
-# as a plain integer.
-_JSONB_INT_FLOATS = 1e16
 
 
 def _not_json(value: Any, where: str) -> str | None:
@@ -116,7 +113,7 @@ def _not_json(value: Any, where: str) -> str | None:
             if problem is not None:
                 return problem
         return None
-    if kind is float and abs(value) >= _JSONB_INT_FLOATS:
+    if kind is float and abs(value) >= JSONB_INT_FLOATS:
         # jsonb writes 1e16 as 10000000000000000, which reads back as an int.
         return f"{where} is a float that comes back from the database as an int: {value!r}"
     if kind in _JSON_SCALARS:

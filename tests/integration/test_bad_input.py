@@ -1,5 +1,5 @@
 """Bad input is refused with InvalidInput (SQLSTATE SM012), or with pydantic's
-ValidationError where the NewEvent model refuses it, and nothing is stored. The SQL
+ValidationError where a NewEvent being built refuses it, and nothing is stored. The SQL
 functions refuse bad input on their own too, for callers that bypass Python."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pgstate import (
     StreamAppend,
     StreamCondition,
 )
+from pgstate.machine import Machine, State
 
 
 def opened(n: int = 1) -> list[NewEvent]:
@@ -119,6 +120,9 @@ def test_longest_stream_id_is_accepted(store: Store, conn: Connection) -> None:
         {"type": "Opened", "stream_id": "order-1"},
         {"data": {"no": "type"}},
         {"type": "Opened", "schema_version": 2**31},
+        {"type": "Op\ud800ened"},
+        {"type": "Opened", "data": {"big": [1.152921504606847e18]}},
+        {"type": "Opened", "metadata": {"big": -1e16}},
     ],
     ids=[
         "set",
@@ -133,14 +137,19 @@ def test_longest_stream_id_is_accepted(store: Store, conn: Connection) -> None:
         "extra-field",
         "missing-type",
         "schema-version-over-int4",
+        "surrogate-in-type",
+        "float-read-back-as-int",
+        "float-read-back-as-int-metadata",
     ],
 )
 def test_event_mapping_rejected_by_the_model(
     store: Store, conn: Connection, mapping: dict[str, Any]
 ) -> None:
-    with stores_nothing(conn), pytest.raises(ValidationError):
+    with invalid(conn, "events"):
         store.append("order-1", [{"type": "Fine"}, mapping], conn=conn)  # type: ignore[list-item]
     assert store.stream_state("order-1", conn=conn) is None
+    with pytest.raises(ValidationError):
+        NewEvent(**mapping)
 
 
 def test_event_data_nested_too_deeply(store: Store, conn: Connection) -> None:
@@ -156,6 +165,65 @@ def test_an_unvalidated_copy_with_bad_data_is_refused(store: Store, conn: Connec
     copy = NewEvent(type="Opened").model_copy(update={"data": {"ratio": float("nan")}})
     with invalid(conn, "events"):
         store.append("order-13", [copy], conn=conn)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"event_id": "zz"},
+        {"schema_version": 0},
+        {"schema_version": 2**40},
+        {"type": "a\ud800"},
+        {"type": ""},
+        {"data": {"big": 1e20}},
+    ],
+    ids=[
+        "event-id",
+        "schema-version-0",
+        "schema-version-huge",
+        "surrogate-type",
+        "empty-type",
+        "big-float",
+    ],
+)
+def test_every_field_of_an_unvalidated_copy_is_checked(
+    store: Store, conn: Connection, update: dict[str, Any]
+) -> None:
+    copy = NewEvent(type="Opened").model_copy(update=update)
+    with invalid(conn, "events"):
+        store.append("order-14", [copy], conn=conn)
+
+
+def test_a_float_below_the_exponent_form_round_trips(store: Store, conn: Connection) -> None:
+    data = {"x": 9.9e15, "y": -1.5e15, "tiny": 1e-7, "text": "1e+16"}
+    store.append("order-15", [NewEvent(type="Opened", data=data)], conn=conn)
+    [stored] = store.read_stream("order-15", conn=conn)
+    assert stored.data == data and all(type(stored.data[k]) is float for k in ("x", "y", "tiny"))
+
+
+def test_a_float_read_back_as_an_int_is_refused_in_transition_data(
+    store: Store, conn: Connection
+) -> None:
+    class Switch(Machine):
+        name = "SwitchForFloats"
+        off = State(initial=True)
+        on = State()
+        flip = off.to(on)
+
+    store.register(Switch, conn=conn)
+    store.create("switch-1", Switch, conn=conn)
+    with invalid(conn, "data"):
+        store.transition("switch-1", "flip", data={"big": 2e16}, conn=conn)
+    head = store.stream_state("switch-1", conn=conn)
+    assert head is not None and head.state == "off"
+
+
+def test_a_batch_over_max_batch_bytes(store: Store, conn: Connection) -> None:
+    capped = Store(store.engine, settings=Settings(max_batch_bytes=100))
+    events = [NewEvent(type="Opened", data={"text": "x" * 30}) for _ in range(3)]  # 44 bytes
+    with invalid(conn, "events"):
+        capped.append("order-16", events, conn=conn)
+    assert capped.append("order-16", events[:2], conn=conn).version == 2
 
 
 def test_event_mapping_that_is_valid_is_accepted(store: Store, conn: Connection) -> None:
