@@ -30,7 +30,7 @@ from pgstate.models import (
     Position,
     RejectionRecord,
     TransitionResult,
-    encode_json,
+    encode_json_sized,
     uuid7,
 )
 
@@ -49,15 +49,28 @@ def _machine_name(machine: object) -> tuple[str, str | None]:
     raise InvalidInput("machine must be a Machine subclass or a name", detail={"field": "machine"})
 
 
-def _json_object(value: Mapping[str, Any] | None, field: str) -> str | None:
+def _json_object(value: Mapping[str, Any] | None, field: str, max_bytes: int) -> str | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
         raise InvalidInput(f"{field} must be a JSON object", detail={"field": field})
     try:
-        return encode_json(dict(value), field)
+        text, size = encode_json_sized(dict(value), field)
     except ValueError as exc:
         raise InvalidInput(str(exc), detail={"field": field}) from None
+    # The event it becomes is held to an appended event's limit.
+    if size > max_bytes:
+        raise InvalidInput(
+            f"{field} is {size} bytes, over the limit of {max_bytes}",
+            detail={"field": field, "size": size, "limit": max_bytes},
+        )
+    return text
+
+
+def _flag(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be True or False", detail={"field": field})
+    return value
 
 
 def _uuid(value: object, field: str) -> uuid.UUID | None:
@@ -96,6 +109,8 @@ def create(
     causation_id: uuid.UUID | None,
     correlation_id: uuid.UUID | None,
     traceparent: str | None,
+    *,
+    max_data_bytes: int,
 ) -> Generator[Statement, list[Row], Instance]:
     check_identifier(stream_id, "stream_id")
     name, def_hash = _machine_name(machine)
@@ -106,7 +121,7 @@ def create(
             "stream_id": stream_id,
             "machine": name,
             "def_hash": def_hash,
-            "data": _json_object(data, "data"),
+            "data": _json_object(data, "data", max_data_bytes),
             "actor": encode_actor(actor),
             "event_id": _uuid(event_id, "event_id"),
             "causation_id": _uuid(causation_id, "causation_id"),
@@ -138,6 +153,7 @@ def transition(
     correlation_id: uuid.UUID | None,
     traceparent: str | None,
     raise_rejection: bool,
+    max_data_bytes: int,
     record_as: str | None = None,
 ) -> Generator[Statement, list[Row], TransitionResult]:
     check_identifier(stream_id, "stream_id")
@@ -156,14 +172,14 @@ def transition(
             "idempotency_key": optional_text(idempotency_key, "idempotency_key", 200),
             "actor": encode_actor(actor),
             "reason": optional_text(reason, "reason", 10_000),
-            "data": _json_object(data, "data"),
+            "data": _json_object(data, "data", max_data_bytes),
             "lease_epoch": lease_epoch,
             "traceparent": optional_text(traceparent, "traceparent", MAX_TRACEPARENT),
             # Time-ordered ids made here: new ids land at the event-id index's right edge.
             "event_id": _uuid(event_id, "event_id") or uuid7(),
             "causation_id": _uuid(causation_id, "causation_id"),
             "correlation_id": _uuid(correlation_id, "correlation_id"),
-            "release_lease": bool(release_lease),
+            "release_lease": _flag(release_lease, "release_lease"),
             # A rejection to raise comes back as a row and is raised here: same error,
             # without an ERROR's abort on the server and exception round on the client.
             "on_rejection": "return" if raise_rejection else "record",

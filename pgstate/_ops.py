@@ -25,7 +25,7 @@ from pgstate.models import (
     StreamAppend,
     StreamCondition,
     StreamState,
-    encode_json,
+    encode_json_sized,
 )
 
 Row = tuple[Any, ...]
@@ -147,15 +147,25 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
     return coerced
 
 
+# An actor names who acted; it is stored with every event of the call and every rejection.
+MAX_ACTOR_BYTES = 65_536
+
+
 def encode_actor(actor: Mapping[str, Any] | None) -> str | None:
     if actor is None:
         return None
     if not isinstance(actor, Mapping):
         raise InvalidInput("actor must be a JSON object", detail={"field": "actor"})
     try:
-        return encode_json(dict(actor), "actor")
+        text, size = encode_json_sized(dict(actor), "actor")
     except ValueError as exc:
         raise InvalidInput(str(exc), detail={"field": "actor"}) from None
+    if size > MAX_ACTOR_BYTES:
+        raise InvalidInput(
+            f"actor is {size} bytes, over the limit of {MAX_ACTOR_BYTES}",
+            detail={"field": "actor", "size": size, "limit": MAX_ACTOR_BYTES},
+        )
+    return text
 
 
 def position_params(after: Position | str | None) -> dict[str, Any]:

@@ -291,6 +291,7 @@ class Store(_StoreBase):
             causation_id,
             correlation_id,
             traceparent or current_traceparent(),
+            max_data_bytes=self.settings.max_event_bytes,
         )
         instance: Instance = self._call(op, conn, writes=True)
         return instance
@@ -307,7 +308,12 @@ class Store(_StoreBase):
         with transition_span(stream_id, event) as span:
             options["traceparent"] = options["traceparent"] or span.traceparent
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, raise_rejection=raise_rejection, **options
+                self.tenant,
+                stream_id,
+                event,
+                raise_rejection=raise_rejection,
+                max_data_bytes=self.settings.max_event_bytes,
+                **options,
             )
             result: TransitionResult = span.record(self._call(op, conn, writes=True))
             return result
@@ -644,6 +650,7 @@ class AsyncStore(_StoreBase):
             causation_id,
             correlation_id,
             traceparent or current_traceparent(),
+            max_data_bytes=self.settings.max_event_bytes,
         )
         instance: Instance = await self._call(op, conn, writes=True)
         return instance
@@ -660,7 +667,12 @@ class AsyncStore(_StoreBase):
         with transition_span(stream_id, event) as span:
             options["traceparent"] = options["traceparent"] or span.traceparent
             op = _machine_ops.transition(
-                self.tenant, stream_id, event, raise_rejection=raise_rejection, **options
+                self.tenant,
+                stream_id,
+                event,
+                raise_rejection=raise_rejection,
+                max_data_bytes=self.settings.max_event_bytes,
+                **options,
             )
             result: TransitionResult = span.record(await self._call(op, conn, writes=True))
             return result

@@ -15,6 +15,10 @@
 -- which a NULL turns into NULL, so the refusal was skipped. save_checkpoint_v1 and
 -- fence_projection_v1 check the lease's TTL as claims do (1 ms to 24 h).
 --
+-- register_machine_v1 refuses edges to or from states the definition lacks, two edges for
+-- one state and event, and edges out of a final state (definitions sent through SQL; the
+-- Python classes and documents refused them already).
+--
 -- set_notify_mode_v1 takes the table lock its ALTER TABLE needs with NOWAIT, retrying for
 -- up to 5 s: a waiting ALTER TABLE queued every append behind it while any transaction
 -- that wrote the log stayed open.
@@ -318,6 +322,129 @@ BEGIN
         ALTER TABLE pgstate.events DISABLE TRIGGER events_notify;
     END IF;
     UPDATE pgstate.config SET value = p_mode WHERE key = 'notify_mode';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION pgstate.register_machine_v1(p_name text, p_def_hash text, p_definition jsonb,
+    OUT o_version integer, OUT o_created boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_stored jsonb;
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,99}$' THEN
+        PERFORM pgstate.raise_error('SM012', 'machine name must be 1 to 100 letters, digits, _ . -',
+            jsonb_build_object('field', 'machine', 'value', p_name));
+    END IF;
+    IF p_def_hash IS NULL OR p_def_hash !~ '^[0-9a-f]{64}$' THEN
+        PERFORM pgstate.raise_error('SM012', 'def_hash must be a sha256 hex digest',
+            jsonb_build_object('field', 'def_hash'));
+    END IF;
+    IF jsonb_typeof(p_definition) IS DISTINCT FROM 'object'
+       OR jsonb_typeof(p_definition -> 'states') IS DISTINCT FROM 'object'
+       OR jsonb_typeof(p_definition -> 'edges') IS DISTINCT FROM 'array'
+       OR NOT (p_definition -> 'states') ? (p_definition ->> 'initial') THEN
+        PERFORM pgstate.raise_error('SM012', 'definition needs states, edges and a known initial state',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+
+    PERFORM pg_advisory_xact_lock(hashtextextended('pgstate-machine/' || p_name, 0));
+    SELECT m.version, m.definition INTO o_version, v_stored
+      FROM pgstate.machines m WHERE m.name = p_name AND m.def_hash = p_def_hash
+     ORDER BY m.version DESC LIMIT 1;
+    IF FOUND THEN
+        -- The hash is the client's word: a definition stored under it must be this one, or
+        -- whoever registered first (anyone can compute a class's hash) would decide what
+        -- the instances of every later registration follow.
+        IF v_stored <> p_definition THEN
+            PERFORM pgstate.raise_error('SM006',
+                format('machine %s version %s has this def_hash and another definition',
+                       p_name, o_version),
+                jsonb_build_object('machine', p_name, 'version', o_version));
+        END IF;
+        o_created := false;
+        RETURN;
+    END IF;
+    SELECT max(m.version) INTO o_version FROM pgstate.machines m WHERE m.name = p_name;
+    -- The state rules' types first: the inserts below cast them, so a string "true" or
+    -- "1" would otherwise pass every check written for a JSON boolean or number.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE jsonb_typeof(s.value) <> 'object'
+                   OR coalesce(jsonb_typeof(s.value -> 'final'), 'null')
+                      NOT IN ('boolean', 'null')
+                   OR coalesce(jsonb_typeof(s.value -> 'timeout_ms'), 'null')
+                      NOT IN ('number', 'null')) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each state is an object with a boolean final and a numeric timeout_ms',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- A deadline is a timestamp: a timeout beyond 100 years would put every instance that
+    -- enters the state out of the server's range.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE jsonb_typeof(s.value -> 'timeout_ms') = 'number'
+                  AND (s.value -> 'timeout_ms')::numeric NOT BETWEEN 1 AND 3153600000000) THEN
+        PERFORM pgstate.raise_error('SM012', 'a timeout must be 1 ms to 36500 days',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- A final state never moves again: a timeout there could never fire, and every sweep
+    -- would try it again.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE s.value -> 'final' = 'true'::jsonb
+                  AND jsonb_typeof(s.value -> 'timeout_ms') = 'number') THEN
+        PERFORM pgstate.raise_error('SM012', 'a final state cannot have a timeout',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- A deadline needs its timeout edge, and the edge its deadline: a state with one and
+    -- not the other would be stuck once its deadline passed, and no sweep could fire it.
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_definition -> 'states') s
+                WHERE (s.value ->> 'timeout_ms' IS NULL) <> (s.value ->> 'on_timeout' IS NULL)
+                   OR (s.value ->> 'on_timeout' IS NOT NULL AND NOT EXISTS (
+                           SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                            WHERE e ->> 'from' = s.key
+                              AND e ->> 'event' = s.value ->> 'on_timeout'))) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'a state with a timeout needs an on_timeout event with an edge from it, and back',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    -- Each edge joins two states of the definition, once per state and event, and leaves
+    -- no final state: transition_v3 takes any edge it finds for legal.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                WHERE jsonb_typeof(e) <> 'object'
+                   OR jsonb_typeof(e -> 'from') IS DISTINCT FROM 'string'
+                   OR jsonb_typeof(e -> 'to') IS DISTINCT FROM 'string'
+                   OR jsonb_typeof(e -> 'event') IS DISTINCT FROM 'string'
+                   OR NOT (p_definition -> 'states') ? (e ->> 'from')
+                   OR NOT (p_definition -> 'states') ? (e ->> 'to')
+                   OR p_definition -> 'states' -> (e ->> 'from') -> 'final' = 'true'::jsonb)
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                   GROUP BY e ->> 'from', e ->> 'event' HAVING count(*) > 1) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each edge joins two states of the definition, once per state and event, and '
+            'none leaves a final state',
+            jsonb_build_object('field', 'definition'));
+    END IF;
+    o_version := coalesce(o_version, 0) + 1;
+    o_created := true;
+
+    INSERT INTO pgstate.machines (name, version, def_hash, definition, initial_state)
+    VALUES (p_name, o_version, p_def_hash, p_definition, p_definition ->> 'initial');
+    INSERT INTO pgstate.machine_states (name, version, state, final, timeout, on_timeout)
+    SELECT p_name, o_version, s.key, coalesce((s.value ->> 'final')::boolean, false),
+           CASE WHEN s.value ->> 'timeout_ms' IS NOT NULL
+                THEN make_interval(secs => (s.value ->> 'timeout_ms')::double precision / 1000) END,
+           s.value ->> 'on_timeout'
+      FROM jsonb_each(p_definition -> 'states') s;
+    INSERT INTO pgstate.machine_edges (name, version, from_state, event, to_state,
+                                       requires_lease, guard, to_timeout)
+    SELECT p_name, o_version, e ->> 'from', e ->> 'event', e ->> 'to',
+           coalesce((e ->> 'requires_lease')::boolean, false),
+           CASE WHEN jsonb_typeof(e -> 'guard') = 'object' THEN e -> 'guard' END,
+           target.timeout
+      FROM jsonb_array_elements(p_definition -> 'edges') e
+      LEFT JOIN pgstate.machine_states target
+             ON target.name = p_name AND target.version = o_version
+            AND target.state = e ->> 'to';
 END;
 $$;
 

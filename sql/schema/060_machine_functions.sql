@@ -83,6 +83,23 @@ BEGIN
             'a state with a timeout needs an on_timeout event with an edge from it, and back',
             jsonb_build_object('field', 'definition'));
     END IF;
+    -- Each edge joins two states of the definition, once per state and event, and leaves
+    -- no final state: transition_v3 takes any edge it finds for legal.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                WHERE jsonb_typeof(e) <> 'object'
+                   OR jsonb_typeof(e -> 'from') IS DISTINCT FROM 'string'
+                   OR jsonb_typeof(e -> 'to') IS DISTINCT FROM 'string'
+                   OR jsonb_typeof(e -> 'event') IS DISTINCT FROM 'string'
+                   OR NOT (p_definition -> 'states') ? (e ->> 'from')
+                   OR NOT (p_definition -> 'states') ? (e ->> 'to')
+                   OR p_definition -> 'states' -> (e ->> 'from') -> 'final' = 'true'::jsonb)
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(p_definition -> 'edges') e
+                   GROUP BY e ->> 'from', e ->> 'event' HAVING count(*) > 1) THEN
+        PERFORM pgstate.raise_error('SM012',
+            'each edge joins two states of the definition, once per state and event, and '
+            'none leaves a final state',
+            jsonb_build_object('field', 'definition'));
+    END IF;
     o_version := coalesce(o_version, 0) + 1;
     o_created := true;
 

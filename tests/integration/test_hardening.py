@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgstate import IdempotencyKeyReused, InvalidInput, NewEvent, PgStateError, Store
+from pgstate import IdempotencyKeyReused, InvalidInput, NewEvent, PgStateError, Settings, Store
 from pgstate._connect import libpq_dsn
 from pgstate.errors import translate
 from pgstate.fold import Fold
@@ -265,3 +265,80 @@ def test_a_stream_lease_refuses_a_null_epoch(store: Store, pgstate_db: str, call
     }[call]
     assert server_error(pgstate_db, statement, (stream,)).sqlstate == "SM005"
     assert store.stream_state(stream) == before
+
+
+BAD_EDGES = {
+    "out of a final state": [
+        {"event": "close", "from": "open", "to": "done"},
+        {"event": "reopen", "from": "done", "to": "open"},
+    ],
+    "to an unknown state": [{"event": "close", "from": "open", "to": "nowhere"}],
+    "from an unknown state": [
+        {"event": "close", "from": "open", "to": "done"},
+        {"event": "go", "from": "nowhere", "to": "done"},
+    ],
+    "twice for one state and event": [
+        {"event": "close", "from": "open", "to": "done"},
+        {"event": "close", "from": "open", "to": "open"},
+    ],
+    "a state that is not a string": [{"event": "close", "from": "open", "to": 1}],
+    "not an object": [["open", "close", "done"]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EDGES))
+def test_the_server_refuses_a_definition_whose_edges_break_the_machine(
+    pgstate_db: str, case: str
+) -> None:
+    """Definitions sent through SQL (the Python classes refuse these themselves)."""
+    name = unique("BadEdges")
+    definition = {
+        "initial": "open",
+        "states": {"open": {"final": False}, "done": {"final": True}},
+        "edges": BAD_EDGES[case],
+    }
+    error = server_error(
+        pgstate_db,
+        "SELECT * FROM pgstate.register_machine_v1(%s, %s, %s)",
+        (name, "0" * 64, Jsonb(definition)),
+    )
+    assert isinstance(error, InvalidInput) and "each edge" in str(error)
+    with psycopg.connect(libpq_dsn(pgstate_db)) as conn:
+        stored = conn.execute("SELECT count(*) FROM pgstate.machines WHERE name = %s", (name,))
+        assert stored.fetchone() == (0,)
+
+
+class Sized(Machine):
+    name = "SizedPayloads"
+    open = State(initial=True)
+    done = State(final=True)
+    close = open.to(done)
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["create data", "transition data", "transition actor", "append actor", "release_lease"],
+)
+def test_transitions_and_creates_keep_the_payload_limits(
+    store: Store, pgstate_db: str, call: str
+) -> None:
+    small = Store(pgstate_db, settings=Settings(max_event_bytes=1000))
+    store.register(Sized)
+    stream = unique("sized-")
+    store.create(stream, Sized)
+    before = store.stream_state(stream)
+    big = {"text": "x" * 1000}
+    with pytest.raises(InvalidInput) as refused:
+        if call == "create data":
+            small.create(unique("sized-"), Sized, data=big)
+        elif call == "transition data":
+            small.transition(stream, "close", data=big)
+        elif call == "transition actor":
+            small.transition(stream, "close", actor={"name": "x" * 70_000})
+        elif call == "append actor":
+            small.append(unique("plain-"), [NewEvent(type="T")], actor={"name": "x" * 70_000})
+        else:
+            small.transition(stream, "close", release_lease="false")  # type: ignore[arg-type]
+    assert refused.value.detail["field"] in {"data", "actor", "release_lease"}
+    assert store.stream_state(stream) == before
+    small.close()
