@@ -70,6 +70,10 @@ class EmbeddedPostgres:
             options.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
         subprocess.run(args, **options)
 
+    def _pg_ctl(self, *args: str) -> None:
+        log = str(self.root / "server.log")
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", log, *args])
+
     def start(self) -> EmbeddedPostgres:
         self.socket_dir.mkdir(parents=True)
         if self.user is not None:
@@ -92,19 +96,7 @@ class EmbeddedPostgres:
             [f"-k {self.socket_dir}", "-h ''", f"-p {self.port}"]
             + [f"-c {key}={value}" for key, value in self.settings.items()]
         )
-        self._run(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.root / "server.log"),
-                "-o",
-                options,
-                "-w",
-                "start",
-            ]
-        )
+        self._pg_ctl("-o", options, "-w", "start")
         self.started = True
         atexit.register(self.stop)
         return self
@@ -115,19 +107,7 @@ class EmbeddedPostgres:
     def crash_restart(self) -> None:
         """Stop the server the way a crash does (no shutdown checkpoint, unflushed log
         lost) and start it again: it recovers from its write-ahead log."""
-        self._run(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.root / "server.log"),
-                "-m",
-                "immediate",
-                "-w",
-                "restart",
-            ]
-        )
+        self._pg_ctl("-m", "immediate", "-w", "restart")
 
     def shut_down(self) -> None:
         """Stop the server and keep its data directory (for single-user runs on it)."""
