@@ -16,6 +16,7 @@ from pgstate._ops import (
     check_identifier,
     check_limit,
     encode_actor,
+    json_object_param,
     optional_text,
     read_stream,
 )
@@ -30,7 +31,6 @@ from pgstate.models import (
     Position,
     RejectionRecord,
     TransitionResult,
-    encode_json_sized,
     uuid7,
 )
 
@@ -47,24 +47,6 @@ def _machine_name(machine: object) -> tuple[str, str | None]:
     if isinstance(machine, type) and issubclass(machine, Machine):
         return str(machine.definition()["name"]), machine.def_hash()
     raise InvalidInput("machine must be a Machine subclass or a name", detail={"field": "machine"})
-
-
-def _json_object(value: Mapping[str, Any] | None, field: str, max_bytes: int) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InvalidInput(f"{field} must be a JSON object", detail={"field": field})
-    try:
-        text, size = encode_json_sized(dict(value), field)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), detail={"field": field}) from None
-    # The event it becomes is held to an appended event's limit.
-    if size > max_bytes:
-        raise InvalidInput(
-            f"{field} is {size} bytes, over the limit of {max_bytes}",
-            detail={"field": field, "size": size, "limit": max_bytes},
-        )
-    return text
 
 
 def _flag(value: object, field: str) -> bool:
@@ -121,7 +103,7 @@ def create(
             "stream_id": stream_id,
             "machine": name,
             "def_hash": def_hash,
-            "data": _json_object(data, "data", max_data_bytes),
+            "data": json_object_param(data, "data", max_data_bytes),
             "actor": encode_actor(actor),
             "event_id": _uuid(event_id, "event_id"),
             "causation_id": _uuid(causation_id, "causation_id"),
@@ -172,7 +154,7 @@ def transition(
             "idempotency_key": optional_text(idempotency_key, "idempotency_key", 200),
             "actor": encode_actor(actor),
             "reason": optional_text(reason, "reason", 10_000),
-            "data": _json_object(data, "data", max_data_bytes),
+            "data": json_object_param(data, "data", max_data_bytes),
             "lease_epoch": lease_epoch,
             "traceparent": optional_text(traceparent, "traceparent", MAX_TRACEPARENT),
             # Time-ordered ids made here: new ids land at the event-id index's right edge.

@@ -151,21 +151,27 @@ def coerce_events(events: object, settings: Settings) -> list[NewEvent]:
 MAX_ACTOR_BYTES = 65_536
 
 
-def encode_actor(actor: Mapping[str, Any] | None) -> str | None:
-    if actor is None:
+def json_object_param(value: Mapping[str, Any] | None, field: str, max_bytes: int) -> str | None:
+    """A JSON object argument as jsonb text, refused (InvalidInput about ``field``) when it
+    is not a strict JSON object or is over ``max_bytes`` in UTF-8."""
+    if value is None:
         return None
-    if not isinstance(actor, Mapping):
-        raise InvalidInput("actor must be a JSON object", detail={"field": "actor"})
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{field} must be a JSON object", detail={"field": field})
     try:
-        text, size = encode_json_sized(dict(actor), "actor")
+        text, size = encode_json_sized(dict(value), field)
     except ValueError as exc:
-        raise InvalidInput(str(exc), detail={"field": "actor"}) from None
-    if size > MAX_ACTOR_BYTES:
+        raise InvalidInput(str(exc), detail={"field": field}) from None
+    if size > max_bytes:
         raise InvalidInput(
-            f"actor is {size} bytes, over the limit of {MAX_ACTOR_BYTES}",
-            detail={"field": "actor", "size": size, "limit": MAX_ACTOR_BYTES},
+            f"{field} is {size} bytes, over the limit of {max_bytes}",
+            detail={"field": field, "size": size, "limit": max_bytes},
         )
     return text
+
+
+def encode_actor(actor: Mapping[str, Any] | None) -> str | None:
+    return json_object_param(actor, "actor", MAX_ACTOR_BYTES)
 
 
 def position_params(after: Position | str | None) -> dict[str, Any]:

@@ -184,7 +184,7 @@ class Listener:
     def _pages(self, should_stop: Callable[[], bool]) -> Iterator[Page]:
         """Non-empty pages after ``position``; the caller moves ``position`` as it consumes
         them, to ``last_position`` once it has consumed a whole page (with ``types``, the
-        point the read scanned to). Waits between pages, reconnects (and so catches up)
+        newest event the read scanned past). Waits between pages, reconnects (and so catches up)
         after connection loss."""
         try:
             yield from self._pages_listening(should_stop)

@@ -42,12 +42,14 @@ JSONB_INT_FLOATS = 1e16
 def _float_jsonb_turns_into_an_int(value: Any) -> float | None:
     if isinstance(value, float):
         return value if abs(value) >= JSONB_INT_FLOATS else None
-    items = value.values() if isinstance(value, dict) else value
-    if isinstance(items, list | tuple) or isinstance(value, dict):
-        for item in items:
-            found = _float_jsonb_turns_into_an_int(item)
-            if found is not None:
-                return found
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list | tuple):
+        return None
+    for item in value:
+        found = _float_jsonb_turns_into_an_int(item)
+        if found is not None:
+            return found
     return None
 
 
