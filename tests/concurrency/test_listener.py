@@ -592,6 +592,21 @@ def test_a_closed_doorbell_keeps_no_file_descriptor(log_stream: str) -> None:
         gc.enable()
 
 
+def wait_until_running(dsn: str, function: str) -> None:
+    """Until another session of the database is running a call of ``function``."""
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        for _ in range(1000):
+            running = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE %s",
+                (f"%{function}%",),
+            ).fetchone()
+            if running and running[0]:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"no session ran {function}")
+
+
 def test_switching_the_notify_mode_never_holds_appends_back(fresh_db: str) -> None:
     """While a transaction that wrote the log stays open, a mode switch waits for it
     without queueing for the table lock, so other appends go on; it switches once the
@@ -613,11 +628,11 @@ def test_switching_the_notify_mode_never_holds_appends_back(fresh_db: str) -> No
             store.append("open-1", [NewEvent(type="Held")], conn=open_writer)
             switcher = threading.Thread(target=switch)
             switcher.start()
-            time.sleep(0.3)  # the switch is now waiting for the open transaction
-            started = time.monotonic()
+            wait_until_running(fresh_db, "set_notify_mode_v1")
+            # A queued ALTER TABLE would hold these back until their lock timeout
+            # (LockTimeout); taken with NOWAIT, it leaves them free.
             for n in range(5):
                 store.append(f"free-{n}", [NewEvent(type="Free")])
-            assert time.monotonic() - started < 2.0
             assert not switched.is_set()
             open_writer.commit()
         switcher.join(10)
