@@ -3,7 +3,10 @@
 Fills the store with batch appends and, at each checkpoint (by default 0, 1M and 10M
 events), measures append and transition latency (p50/p99 over sequential calls) and
 read_stream / read_all speed. The figures that matter are the ratios to the empty store,
-taken in the same run.
+taken in the same run: to the first checkpoint's, and to a control database on the same
+server that holds only the probes' few thousand events, measured right after each
+checkpoint, so that a machine whose speed drifts during the fill (a shared VM) moves both
+sides of that ratio alike.
 
     python benchmarks/scale.py                      # embedded PostgreSQL 18, 0 / 1M / 10M
     python benchmarks/scale.py --checkpoints 0,200000 --json benchmarks/results/scale.json
@@ -20,9 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from pgstate import NewEvent, Store
-from pgstate._connect import libpq_dsn
+from pgstate._connect import libpq_dsn, psycopg_url
 from pgstate.machine import Machine, State
 from pgstate.models import Position
 
@@ -159,6 +163,26 @@ def measure(store: Store, conn: psycopg.Connection[Any], label: str, calls: int)
     }
 
 
+CONTROL_DATABASE = "pgstate_scale_control"
+
+
+def make_control_database(dsn: str) -> str:
+    """A fresh database beside the measured one, for the control store; its URL."""
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(CONTROL_DATABASE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(CONTROL_DATABASE)))
+    return psycopg_url(dsn).set(database=CONTROL_DATABASE).render_as_string(hide_password=False)
+
+
+def drop_control_database(dsn: str) -> None:
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(CONTROL_DATABASE)))
+
+
+def ratio(figures: dict[str, Any], baseline: dict[str, Any], operation: str) -> str:
+    return f"{figures[operation]['p50_ms'] / baseline[operation]['p50_ms']:.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dsn", help="database URL (default: a fresh embedded PostgreSQL 18)")
@@ -177,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         dsn = server.url()
     try:
         store = toggle_store(dsn)
+        control_url = make_control_database(dsn)
+        control = toggle_store(control_url)
         results: list[dict[str, Any]] = []
         filled = 0
-        with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        with (
+            psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn,
+            psycopg.connect(libpq_dsn(control_url), autocommit=True) as control_conn,
+        ):
             for checkpoint in checkpoints:
                 rate = (
                     fill(dsn, checkpoint - filled, args.fill_workers) if checkpoint > filled else 0
@@ -188,27 +217,32 @@ def main(argv: list[str] | None = None) -> int:
                 row = conn.execute("SELECT count(*) FROM pgstate.events").fetchone()
                 count = int(row[0]) if row else 0
                 figures = measure(store, conn, str(checkpoint), args.calls)
+                figures["control"] = measure(control, control_conn, str(checkpoint), args.calls)
                 figures.update({"events_in_store": count, "fill_events_per_s": round(rate)})
                 results.append(figures)
                 print(json.dumps(figures), flush=True)
         store.close()
+        control.close()
+        drop_control_database(dsn)
     finally:
         if server is not None:
             server.stop()
     base = results[0]
     print(
         "\n| events in store | append p50 / p99 ms | transition p50 / p99 ms | "
-        "read_stream 1000 ms | read_all ev/s | append p50 vs empty | transition p50 vs empty |"
+        "read_stream 1000 ms | read_all ev/s | append p50 vs empty: first / control "
+        "| transition p50 vs empty: first / control |"
     )
     print("|---|---|---|---|---|---|---|")
     for figures in results:
+        control = figures["control"]
         print(
             f"| {figures['events_in_store']:,} "
             f"| {figures['append']['p50_ms']:.3f} / {figures['append']['p99_ms']:.3f} "
             f"| {figures['transition']['p50_ms']:.3f} / {figures['transition']['p99_ms']:.3f} "
             f"| {figures['read_stream_1000_ms']} | {figures['read_all_events_per_s']:,} "
-            f"| {figures['append']['p50_ms'] / base['append']['p50_ms']:.2f}x "
-            f"| {figures['transition']['p50_ms'] / base['transition']['p50_ms']:.2f}x |"
+            f"| {ratio(figures, base, 'append')} / {ratio(figures, control, 'append')} "
+            f"| {ratio(figures, base, 'transition')} / {ratio(figures, control, 'transition')} |"
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
