@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pgstate._json import loads, loads_each
 from pgstate._sql import query
 from pgstate.config import Settings
-from pgstate.errors import InvalidInput, returned_refusal
+from pgstate.errors import InvalidInput, PositionNotInLog, returned_refusal
 from pgstate.models import (
     NO_METADATA,
     AppendResult,
@@ -560,6 +560,18 @@ def read_all(
     params["types"] = type_names
     rows = yield Statement(query("read_all_types"), params)
     return _filtered_page(rows, after, params["limit"])
+
+
+def check_cursor(after: Position | str | None) -> Generator[Statement, list[Row], None]:
+    """Raises PositionNotInLog unless ``after`` is None, a stored event's position, or
+    before every stored event. Readers run it whenever they (re)connect: a cursor past
+    events the server lost in a crash would otherwise skip what is stored below it next."""
+    if after is None:
+        return
+    params = position_params(after)
+    rows = yield Statement(query("cursor_in_log"), params)
+    if not rows[0][0]:
+        raise PositionNotInLog(Position(int(params["tx"]), params["pos"]))
 
 
 def read_category(

@@ -192,6 +192,24 @@ class ConnectionLost(DatabaseError):
     then reports the stored outcome instead of writing twice."""
 
 
+class PositionNotInLog(PgStateError):
+    """A reader's cursor (a listener's position, a projection's checkpoint) names an event
+    the log does not hold, and is not before the log's start. Either the server lost
+    events it had shown to readers (a crash after commits made with ``synchronous_commit``
+    off) or the position comes from another database. Reading on from it could skip
+    events stored below it later, so the reader stops instead: rebuild the projection, or
+    choose the position again."""
+
+    def __init__(self, position: object) -> None:
+        super().__init__(
+            f"no event is stored at position {position}, and the log holds events before it:"
+            " the server lost events readers had seen (a crash after asynchronous commits)"
+            " or the position is from another database",
+            detail={"position": str(position)},
+        )
+        self.position = position
+
+
 _TRANSIENT: dict[str, type[TransientError]] = {
     "40001": SerializationFailure,
     "40P01": DeadlockDetected,

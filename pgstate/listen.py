@@ -66,6 +66,22 @@ def check_stall(conn: psycopg.Connection[Any], threshold: timedelta) -> Stall | 
     return Stall(held, since, pid, state, xact_start, open_for, text)
 
 
+def _run_one(conn: psycopg.Connection[Any], op: _ops.Op) -> Any:
+    """Drive a one-statement operation on the listener's own connection (binary results,
+    pgstate's loaders)."""
+    try:
+        statement = next(op)
+    except StopIteration as done:
+        return done.value
+    cursor = conn.cursor(binary=True)
+    cursor.execute(statement.sql, statement.params)
+    try:
+        op.send(cursor.fetchall())
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("the operation yields one statement")
+
+
 class Listener:
     """Yields every committed event after ``after``, in commit order, exactly once, for as
     long as you iterate. ``position`` is the last event handed out."""
@@ -144,15 +160,8 @@ class Listener:
 
     def _read_page(self, conn: psycopg.Connection[Any]) -> Page:
         op = _ops.read_all(self.tenant, self.position, self.page_size, self.types)
-        statement = next(op)
-        cursor = conn.cursor(binary=True)
-        cursor.execute(statement.sql, statement.params)
-        try:
-            op.send(cursor.fetchall())
-        except StopIteration as stop:
-            page: Page = stop.value
-            return page
-        raise RuntimeError("read_all yields one statement")
+        page: Page = _run_one(conn, op)
+        return page
 
     def _wait(self, conn: psycopg.Connection[Any], timeout: float, found: bool) -> None:
         if self.doorbell is not None:
@@ -196,6 +205,9 @@ class Listener:
             try:
                 if self.conn is None:
                     self.conn = self._connect()
+                    # On every (re)connect: the server may have crashed and lost events
+                    # this listener already handed out.
+                    _run_one(self.conn, _ops.check_cursor(self.position))
                 self._listen_again(self.conn)
                 # Before the read, never after: a notification that comes between the read
                 # and a drain would be dropped although its event is not on the page.

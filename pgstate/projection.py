@@ -27,7 +27,7 @@ from psycopg import sql
 
 from pgstate import _ops
 from pgstate._connect import libpq_dsn
-from pgstate._driver import _prepare_adapters
+from pgstate._driver import _prepare_adapters, arun
 from pgstate._sql import query
 from pgstate.errors import (
     ConnectionLost,
@@ -35,6 +35,7 @@ from pgstate.errors import (
     LeaseHeld,
     LeaseLost,
     PermissionDenied,
+    PositionNotInLog,
     TransientError,
     translate,
 )
@@ -218,6 +219,13 @@ class ProjectionWorker:
         self.position = Position(int(tx), pos)
         self._fenced_at = time.monotonic()
         conn = await self._connection()
+        # On every claim, so after every reconnect: a crash may have taken back events the
+        # checkpoint already counts.
+        try:
+            await arun(conn, _ops.check_cursor(self.position))
+        except PositionNotInLog:
+            await self.release()
+            raise
         await self.projection.setup(conn, self.table)
         return True
 

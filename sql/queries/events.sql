@@ -43,6 +43,15 @@ SELECT tx, pos, tenant, stream_id, version, type, data::text, NULLIF(metadata, '
  ORDER BY version DESC
  LIMIT %(limit)s
 
+-- A reader's cursor is sound when an event is stored at it, or when no event is stored at
+-- or before it (a cursor before the log's start). Any other cursor names an event the log
+-- does not hold: one a crash took back after an asynchronous commit, or a position from
+-- another database. Events stored later below such a cursor would never be read after it.
+-- name: cursor_in_log
+SELECT EXISTS (SELECT 1 FROM pgstate.events WHERE tx = %(tx)s::xid8 AND pos = %(pos)s::bigint)
+       OR NOT EXISTS (SELECT 1 FROM pgstate.events
+                       WHERE (tx, pos) < (%(tx)s::xid8, %(pos)s::bigint))
+
 -- Tailing in commit order: only transactions below the snapshot's xmin are certainly
 -- finished, so nothing can later appear below the cursor. One statement, one snapshot.
 -- name: read_all

@@ -5,13 +5,16 @@ past them."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 from sqlalchemy import create_engine
 
-from pgstate import NewEvent, Store, VersionConflict
+from pgstate import NewEvent, PositionNotInLog, Store, VersionConflict
 from pgstate._connect import psycopg_url
 from pgstate._embedded import EmbeddedPostgres
+from pgstate.listen import Listener
 from pgstate.migrate import upgrade
 
 
@@ -38,5 +41,44 @@ def test_a_filtered_cursor_is_not_passed_by_ids_a_crash_hands_out_again() -> Non
             store.wait_for(written.last_position, timeout=30)
             assert [e.stream_id for e in store.read_all(types=["X"], after=cursor)] == ["s-3"]
             assert [e.stream_id for e in store.read_all()] == ["s-1", "s-3"]
+    finally:
+        server.stop()
+
+
+def test_a_listener_stops_when_a_crash_took_back_events_it_handed_out() -> None:
+    """Commits made with synchronous_commit off are visible before their log is written;
+    a crash then takes them back, and the listener that already handed them out must not
+    read on from a cursor past them. The log writer is slowed so the crash comes first;
+    should it still write an attempt's commit in time, the next attempt tries again."""
+    server = EmbeddedPostgres(durable=True, settings={"wal_writer_delay": "10s"}).start()
+    try:
+        url = server.url()
+        engine = create_engine(psycopg_url(url))
+        upgrade(engine)
+        engine.dispose()
+        lost = None
+        listener = Listener(url, poll_interval=0.01)
+        for attempt in range(5):
+            with Store(url) as store, psycopg.connect(url, autocommit=True) as writer:
+                store.append(f"kept-{attempt}", [NewEvent(type="Kept")])
+                writer.execute("SET synchronous_commit = off")
+                unsure = store.append(f"unsure-{attempt}", [NewEvent(type="Unsure")], conn=writer)
+                seen: list[str] = []
+                while listener.position != unsure.last_position:
+                    seen += [e.stream_id for e in next(listener.batches())]
+                assert seen[-1] == f"unsure-{attempt}"
+            server.crash_restart()
+            with Store(url) as store:
+                if store.stream_state(f"unsure-{attempt}") is None:
+                    lost = unsure.last_position
+                    break
+        assert lost is not None, "the log writer saved every attempt's commit"
+        # It reconnects, then checks its cursor. Bounded: a listener that accepted the
+        # cursor would wait for events forever.
+        deadline = time.monotonic() + 10
+        with pytest.raises(PositionNotInLog) as refused:
+            list(listener.batches(lambda: time.monotonic() > deadline))
+        assert refused.value.position == lost
+        listener.close()
     finally:
         server.stop()

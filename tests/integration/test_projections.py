@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from pgstate import LeaseHeld, LeaseLost, NewEvent, Store
+from pgstate import LeaseHeld, LeaseLost, NewEvent, PositionNotInLog, Store
 from pgstate._connect import libpq_dsn
 from pgstate.fold import Fold
 from pgstate.models import Position, RecordedEvent
@@ -816,3 +816,34 @@ def test_a_rebuild_whose_projection_swallows_a_database_error_fails(
 
     asyncio.run(scenario())
     assert counts(fresh_db) == {"acct-w": (3, 4)}
+
+
+def test_a_projection_worker_stops_at_a_checkpoint_the_log_does_not_hold(
+    fresh_store: Store, fresh_db: str
+) -> None:
+    fresh_store.append("acct-1", [NewEvent(type="Added", data={"n": n}) for n in range(3)])
+    worker = ProjectionWorker(fresh_db, Counting(), owner="w1")
+
+    async def scenario() -> None:
+        await drain(worker)
+        await worker.close()
+        assert counts(fresh_db) == {"acct-1": (3, 3)}
+        # What a crash after asynchronous commits leaves: a checkpoint past the log's
+        # newest event, which later events may be stored below.
+        with psycopg.connect(libpq_dsn(fresh_db), autocommit=True) as conn:
+            conn.execute(
+                "UPDATE pgstate.checkpoints SET tx = (tx::text::bigint + 5)::text::xid8"
+                " WHERE projection = 'counting'"
+            )
+        fresh_store.append("acct-1", [NewEvent(type="Added", data={"n": 9})])
+        with pytest.raises(PositionNotInLog):
+            await worker.run_once()
+        assert counts(fresh_db) == {"acct-1": (3, 3)}  # nothing applied
+        with psycopg.connect(libpq_dsn(fresh_db)) as conn:
+            owner = conn.execute(
+                "SELECT owner FROM pgstate.checkpoints WHERE projection = 'counting'"
+            ).fetchone()
+        assert owner == (None,)  # the lease was released, not left to expire
+        await worker.close()
+
+    asyncio.run(scenario())
