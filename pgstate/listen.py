@@ -27,7 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgstate import _ops
 from pgstate._connect import libpq_dsn
-from pgstate._driver import _prepare_adapters
+from pgstate._driver import _drive, _prepare_adapters
 from pgstate._sql import query
 from pgstate.errors import translate
 from pgstate.models import Page, Position, RecordedEvent
@@ -64,22 +64,6 @@ def check_stall(conn: psycopg.Connection[Any], threshold: timedelta) -> Stall | 
     holder = conn.execute(query("horizon_holder")).fetchone()
     pid, state, xact_start, open_for, text = holder if holder else (None,) * 5
     return Stall(held, since, pid, state, xact_start, open_for, text)
-
-
-def _run_one(conn: psycopg.Connection[Any], op: _ops.Op) -> Any:
-    """Drive a one-statement operation on the listener's own connection (binary results,
-    pgstate's loaders)."""
-    try:
-        statement = next(op)
-    except StopIteration as done:
-        return done.value
-    cursor = conn.cursor(binary=True)
-    cursor.execute(statement.sql, statement.params)
-    try:
-        op.send(cursor.fetchall())
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("the operation yields one statement")
 
 
 class Listener:
@@ -160,7 +144,9 @@ class Listener:
 
     def _read_page(self, conn: psycopg.Connection[Any]) -> Page:
         op = _ops.read_all(self.tenant, self.position, self.page_size, self.types)
-        page: Page = _run_one(conn, op)
+        # Untranslated errors: a broken connection stays an OperationalError, which
+        # reconnects.
+        page: Page = _drive(conn, op)
         return page
 
     def _wait(self, conn: psycopg.Connection[Any], timeout: float, found: bool) -> None:
@@ -207,7 +193,7 @@ class Listener:
                     self.conn = self._connect()
                     # On every (re)connect: the server may have crashed and lost events
                     # this listener already handed out.
-                    _run_one(self.conn, _ops.check_cursor(self.position))
+                    _drive(self.conn, _ops.check_cursor(self.position))
                 self._listen_again(self.conn)
                 # Before the read, never after: a notification that comes between the read
                 # and a drain would be dropped although its event is not on the page.
